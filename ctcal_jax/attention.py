@@ -1,0 +1,168 @@
+"""The one attention function every ctcal_jax model calls, with captured maps and TACA.
+
+Axes: B batch, L query positions, S key positions, N heads, D head dim, T text tokens.
+Queries, keys and values are `[B, L|S, N, D]`, the layout of `jax.nn.dot_product_attention`.
+
+Two kinds of attention carry text:
+- cross-attention (UNet `attn2`): every query is an image position, every key a text token;
+- joint attention (MM-DiT, FLUX): one sequence holding image and text positions; the text occupies
+  a contiguous span `[text_start, text_start + T)`, the image the rest (before or after it).
+
+Both return `(out, maps)`. `maps` is `None` unless asked for, else `[B, L_img, T]`: the image-query
+× text-key block of the attention probabilities, averaged over heads. On the fused path the maps are
+rebuilt from the kernel's log-sum-exp (`exp(Q K_txtᵀ/√D − lse)`), so the full attention matrix is
+never formed by this code; the explicit path forms it and is the reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Implementation = Literal["fused", "explicit"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnCapture:
+    """Which attention maps a denoiser returns in `aux["attn"]` (SPEC §2).
+
+    Attributes:
+      resolutions: UNet only. Cross-attention layers whose spatial map has side `r` (height) for an
+        `r` in this tuple are captured. Maps of different sizes are resized (bilinear) to the
+        largest before averaging.
+      blocks: MM-DiT / FLUX only. Indices of the joint blocks to capture; `None` means all.
+    """
+
+    resolutions: tuple[int, ...] = (16,)
+    blocks: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TACA:
+    """Temperature-adjusted cross-modal attention (SPEC §4).
+
+    Image-query × text-key logits are multiplied by `gamma` (after the 1/√D scaling) for samples
+    whose timestep is at least `t_threshold` (scheduler units, 0..1000); all other logits unchanged.
+    """
+
+    gamma: float = 1.2
+    t_threshold: float = 970.0
+
+    def scales(self, timesteps: jax.Array) -> jax.Array:
+        """Per-sample logit multiplier γ(t): `[B]` float32."""
+        t = jnp.asarray(timesteps, jnp.float32)
+        return jnp.where(t >= self.t_threshold, jnp.float32(self.gamma), jnp.float32(1.0))
+
+
+def _scale(q: jax.Array, scale: float | None) -> float:
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _fused(q, k, v, scale, with_lse: bool):
+    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, XLA elsewhere."""
+    if with_lse:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, return_residual=True)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale), None
+
+
+def _maps_from_lse(q: jax.Array, k_txt: jax.Array, lse: jax.Array, scale: float) -> jax.Array:
+    """Head-mean probabilities of the (q, k_txt) block given the row log-sum-exp over all keys.
+
+    q `[B, L, N, D]`, k_txt `[B, T, N, D]`, lse `[B, L, N]` -> `[B, L, T]` float32.
+    """
+    logits = jnp.einsum("blnd,btnd->blnt", q, k_txt, preferred_element_type=jnp.float32) * scale
+    probs = jnp.exp(logits - lse.astype(jnp.float32)[..., None])
+    return probs.mean(axis=2)
+
+
+def _explicit(q, k, v, scale, logit_mult=None):
+    """Softmax attention with the probability matrix formed; returns (out, probs `[B, N, L, S]`)."""
+    logits = jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * scale
+    if logit_mult is not None:
+        logits = logits * logit_mult
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bnls,bsnd->blnd", probs.astype(v.dtype), v)
+    return out, probs
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    capture: bool = False,
+    implementation: Implementation = "fused",
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Queries `[B, L, N, D]` attending to keys/values `[B, S, N, D]` (cross-attention: S = T text tokens).
+
+    Returns `out [B, L, N, D]` and, when `capture`, the head-mean probabilities `[B, L, S]` float32.
+    """
+    scale = _scale(q, scale)
+    if implementation == "explicit":
+        out, probs = _explicit(q, k, v, scale)
+        return out, (probs.mean(axis=1) if capture else None)
+    out, lse = _fused(q, k, v, scale, with_lse=capture)
+    return out, (_maps_from_lse(q, k, lse, scale) if capture else None)
+
+
+def joint_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    text_start: int,
+    text_len: int,
+    gamma: jax.Array | None = None,
+    capture: bool = False,
+    implementation: Implementation = "fused",
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Joint attention over one sequence of image and text positions `[B, L, N, D]`.
+
+    Text positions are `[text_start, text_start + text_len)`; the image positions are the rest and
+    must be contiguous (text first, as FLUX, or text last, as SD3). `gamma` `[B]` enables TACA:
+    image-query × text-key logits are multiplied by `gamma[b]`.
+
+    Returns `out [B, L, N, D]` and, when `capture`, the image-query × text-key block of the joint
+    softmax averaged over heads, `[B, L_img, T]` float32.
+    """
+    length = q.shape[1]
+    if text_start not in (0, length - text_len):
+        raise ValueError(
+            f"joint_attention: text span [{text_start}, {text_start + text_len}) must sit at the "
+            f"start or the end of the {length}-long sequence"
+        )
+    scale = _scale(q, scale)
+    txt = slice(text_start, text_start + text_len)
+    img = slice(text_len, length) if text_start == 0 else slice(0, length - text_len)
+
+    if implementation == "explicit":
+        mult = None
+        if gamma is not None:
+            is_img = jnp.ones((length,), bool).at[txt].set(False)
+            is_txt = ~is_img
+            block = (is_img[:, None] & is_txt[None, :]).astype(jnp.float32)  # [L, S]
+            g = jnp.asarray(gamma, jnp.float32)[:, None, None, None]
+            mult = 1.0 + (g - 1.0) * block  # [B, 1, L, S]
+        out, probs = _explicit(q, k, v, scale, mult)
+        return out, (probs[:, :, img, txt].mean(axis=1) if capture else None)
+
+    if gamma is None:
+        out, lse = _fused(q, k, v, scale, with_lse=capture)
+        maps = _maps_from_lse(q[:, img], k[:, txt], lse[:, img], scale) if capture else None
+        return out, maps
+
+    # TACA: image-query rows see keys [k_img, γ·k_txt]; text-query rows see the plain keys.
+    # Two fused calls with the same total work as one; no attention matrix is formed here.
+    g = jnp.asarray(gamma, jnp.float32)[:, None, None, None].astype(k.dtype)
+    k_scaled = k.at[:, txt].multiply(g)
+    out_img, lse_img = _fused(q[:, img], k_scaled, v, scale, with_lse=capture)
+    out_txt, _ = _fused(q[:, txt], k, v, scale, with_lse=False)
+    parts = (out_txt, out_img) if text_start == 0 else (out_img, out_txt)
+    out = jnp.concatenate(parts, axis=1)
+    maps = _maps_from_lse(q[:, img], k_scaled[:, txt], lse_img, scale) if capture else None
+    return out, maps

@@ -1,0 +1,1 @@
+"""Flax Linen models matching the diffusers / transformers PyTorch classes (SPEC §1)."""
