@@ -1,0 +1,69 @@
+"""Helpers that build the PyTorch reference oracles: tiny diffusers/transformers models with random,
+non-zero weights, saved with `save_pretrained` into a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def randomize(module, seed: int = 0, scale: float = 0.05) -> None:
+    """Perturb every parameter so zero-initialised layers (AdaLN-Zero, LoRA B, out convs) matter."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def save(module, folder: Path, **kwargs) -> Path:
+    module.save_pretrained(folder, safe_serialization=True, **kwargs)
+    return folder
+
+
+def rel_err(ours, ref) -> float:
+    """Max-abs error over max-abs reference (SPEC §1)."""
+    ours = np.asarray(ours, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def nhwc(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 2, 3, 1)
+
+
+class ProbsProcessor:
+    """A diffusers attention processor that forms the softmax explicitly (Attend-and-Excite style)
+    and records the head-mean probabilities of cross-attention calls: the reference maps."""
+
+    def __init__(self, store: list, name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch
+
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
+        b, length, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(context))
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)  # [B*heads, L, S], explicit softmax
+        if cross:
+            self.store.append((self.name, probs.reshape(b, attn.heads, length, -1).mean(1).detach().numpy()))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def record_cross_attention(unet) -> list:
+    """Install `ProbsProcessor` on every attention layer of a diffusers UNet; returns the store."""
+    store: list = []
+    unet.set_attn_processor({name: ProbsProcessor(store, name) for name in unet.attn_processors})
+    return store
