@@ -171,7 +171,10 @@ def _read_pickle(file: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise ValueError(f"{file}: loading a pickle checkpoint needs torch (pip install 'ctcal_jax[torch]')") from None
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        raise ValueError(f"{file}: refused by torch.load(weights_only=True): {e}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
