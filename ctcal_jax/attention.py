@@ -21,6 +21,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Implementation = Literal["fused", "explicit"]
 
@@ -139,13 +140,13 @@ def joint_attention(
     scale = _scale(q, scale)
     txt = slice(text_start, text_start + text_len)
     img = slice(text_len, length) if text_start == 0 else slice(0, length - text_len)
+    is_txt = np.zeros((length,), bool)
+    is_txt[txt] = True
 
     if implementation == "explicit":
         mult = None
         if gamma is not None:
-            is_img = jnp.ones((length,), bool).at[txt].set(False)
-            is_txt = ~is_img
-            block = (is_img[:, None] & is_txt[None, :]).astype(jnp.float32)  # [L, S]
+            block = ((~is_txt)[:, None] & is_txt[None, :]).astype(np.float32)  # [L, S]
             g = jnp.asarray(gamma, jnp.float32)[:, None, None, None]
             mult = 1.0 + (g - 1.0) * block  # [B, 1, L, S]
         out, probs = _explicit(q, k, v, scale, mult)
@@ -158,8 +159,8 @@ def joint_attention(
 
     # TACA: image-query rows see keys [k_img, γ·k_txt]; text-query rows see the plain keys.
     # Two fused calls with the same total work as one; no attention matrix is formed here.
-    g = jnp.asarray(gamma, jnp.float32)[:, None, None, None].astype(k.dtype)
-    k_scaled = k.at[:, txt].multiply(g)
+    g = jnp.asarray(gamma, jnp.float32)[:, None, None, None]
+    k_scaled = k * jnp.where(is_txt[None, :, None, None], g, 1.0).astype(k.dtype)
     out_img, lse_img = _fused(q[:, img], k_scaled, v, scale, with_lse=capture)
     out_txt, _ = _fused(q[:, txt], k, v, scale, with_lse=False)
     parts = (out_txt, out_img) if text_start == 0 else (out_img, out_txt)
