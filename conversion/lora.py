@@ -152,7 +152,8 @@ def export_lora(out_dir: str | Path, loras: Mapping[str, Mapping[str, Mapping[st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     file = out_dir / LORA_FILE
-    files.write_safetensors(file, tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)})
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
+    files.write_safetensors(file, tensors, header)
     return file
 
 

@@ -110,7 +110,7 @@ def sd(tmp_path_factory):
     randomize(unet, 1)
     randomize(vae, 2)
     parts = dict(unet=unet, vae=vae, text_encoder=tiny_clip(transformers.CLIPTextModel, 3),
-                 tokenizer=real_clip_tokenizer(), scheduler=PNDMScheduler(skip_prk_steps=True),
+                 tokenizer=real_clip_tokenizer(), scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
                  safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("sd") / "pipe"
     StableDiffusionPipeline(**parts).save_pretrained(folder, safe_serialization=True)
@@ -161,7 +161,8 @@ def test_import_lora_made_by_diffusers_and_peft(sd, tmp_path):
     pipe = sd.fresh()
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                      rank_pattern={"attn2.to_k": 2}, alpha_pattern={"attn1.to_q": 3}))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj", "out_proj"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=2, use_rslora=True,
+                                             target_modules=["q_proj", "v_proj", "out_proj"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
