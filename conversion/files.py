@@ -115,12 +115,16 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for a in arrays:
-            f.write(a.tobytes())
-    tmp.replace(file)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for a in arrays:
+                f.write(a.tobytes())
+        tmp.replace(file)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the existing file and no partial one
+        raise
 
 
 def read_state_dict(
