@@ -2,7 +2,8 @@
 
 A group is `(pattern, learning_rate, weight_decay)`; each trainable leaf takes the first group whose
 pattern matches its '/'-joined path (`unet/down_blocks_2/.../to_q/A`, `text_encoder/...`, `ae/...`).
-A leaf no group matches is an error.
+A leaf no group matches is an error. A group with learning rate 0 freezes its leaves (no update,
+no weight decay): the LoRA `alpha` scalars sit in the trainable tree but are hyperparameters.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def adamw_groups(
         return optax.linear_schedule(0.0, lr, warmup_steps) if warmup_steps else lr
 
     transforms = {
-        str(i): optax.adamw(schedule(lr), b1=b1, b2=b2, eps=eps, weight_decay=wd)
+        str(i): optax.adamw(schedule(lr), b1=b1, b2=b2, eps=eps, weight_decay=wd) if lr else optax.set_to_zero()
         for i, (_, lr, wd) in enumerate(groups)
     }
     return optax.multi_transform(transforms, group_labels(tree, groups))
