@@ -1,0 +1,120 @@
+"""The CTCAL train step: runs jitted once, teacher gives no gradient, no-noun samples are finite,
+accumulation averages micro-batch gradients, loss falls, same numbers on 1 and 8 devices."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctcal_jax.train_step import loss_fn, make_step_fn
+from step_setup import batch, setup
+
+
+def _device_batch(**kw):
+    return jax.tree.map(jnp.asarray, batch(**kw))
+
+
+def test_step_runs_finite_and_compiles_once():
+    s = setup()
+    step, state, b = s.step, s.state, batch()
+    for _ in range(3):
+        state, metrics = step(state, b, jax.random.key(0))
+    assert int(state["step"]) == 3
+    assert step.jitted._cache_size() == 1
+    for name in ("loss", "diffusion", "ctcal", "ctcal_pixel", "ctcal_semantic", "ctcal_recon", "ctcal_balance", "grad_norm"):
+        assert np.isfinite(float(metrics[name])), name
+    assert float(metrics["ctcal_nouns"]) > 0
+
+
+def test_teacher_contributes_no_gradient():
+    s = setup()
+    state, frozen, family = s.state, s.frozen, s.family
+    b, rng = _device_batch(), jax.random.key(3)
+    params = state["params"]
+    teacher = family.forward(frozen, params, b, rng)["teacher_maps"]
+    constant = dataclasses.replace(family, forward=lambda f, p, bb, r: {**family.forward(f, p, bb, r),
+                                                                        "teacher_maps": teacher})
+    grads = jax.grad(lambda p: loss_fn(family, p, frozen, b, rng)[0])(params)
+    grads_const = jax.grad(lambda p: loss_fn(constant, p, frozen, b, rng)[0])(params)
+    jax.tree.map(lambda g, h: np.testing.assert_allclose(g, h, rtol=1e-6, atol=1e-12), grads, grads_const)
+    # ... and the gradient reaches the text encoder, the UNet LoRA and the autoencoder.
+    for part in ("unet", "text_encoder", "ae"):
+        assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(grads[part])) > 0, part
+
+
+def test_samples_without_nouns_are_finite_and_contribute_zero():
+    s = setup()
+    state, frozen, family = s.state, s.frozen, s.family
+    b = _device_batch()
+    none = {**b, "noun_weights": jnp.zeros_like(b["noun_weights"])}
+    (loss, metrics), grads = jax.value_and_grad(lambda p: loss_fn(family, p, frozen, none, jax.random.key(4)),
+                                                has_aux=True)(state["params"])
+    assert float(metrics["ctcal"]) == 0.0 and float(metrics["ctcal_nouns"]) == 0.0
+    np.testing.assert_allclose(float(loss), float(metrics["diffusion"]), rtol=1e-6)
+    assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+    # The autoencoder is trained only by the noun terms: no nouns, no gradient.
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["ae"]))
+
+
+def test_accumulation_averages_micro_batch_gradients():
+    s = setup()
+    state, frozen, family = s.state, s.frozen, s.family
+    b, rng = _device_batch(), jax.random.key(5)
+    accumulated = make_step_fn(family, s.optimizer, accum_steps=2)
+    # Reference: micro-batch i holds samples i, i+2 and gets the step's key folded with i.
+    key = jax.random.fold_in(rng, 0)
+    grads = [jax.grad(lambda p: loss_fn(family, p, frozen, jax.tree.map(lambda x: x[i::2], b),
+                                        jax.random.fold_in(key, i))[0])(state["params"]) for i in range(2)]
+    mean = jax.tree.map(lambda g, h: (g + h) / 2, *grads)
+    _, metrics = accumulated(frozen, state, b, rng)
+    ref_norm = float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(mean))))
+    np.testing.assert_allclose(float(metrics["grad_norm"]), ref_norm, rtol=1e-5)
+
+
+def test_tiny_model_fits_one_batch():
+    s = setup()
+    step, state, frozen, family, b = s.step, s.state, s.frozen, s.family, batch()
+    probe = jax.jit(lambda p: loss_fn(family, p, frozen, jax.tree.map(jnp.asarray, b), jax.random.key(7))[0])
+    before = float(probe(state["params"]))
+    for _ in range(25):
+        state, _ = step(state, b, jax.random.key(8))
+    after = float(probe(state["params"]))
+    assert after < 0.9 * before, (before, after)
+
+
+_EIGHT_DEVICES = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax, numpy as np
+from step_setup import batch, setup
+assert jax.device_count() == 8
+out = {{}}
+for name, (data, fsdp, devices) in {{"one": (1, 1, jax.devices()[:1]), "eight": (4, 2, None)}}.items():
+    s = setup(data, fsdp, devices=devices)
+    state, metrics = s.step(s.state, batch(batch_size=8), jax.random.key(0))
+    out[name] = {{"metrics": {{k: float(v) for k, v in metrics.items()}},
+                 "params": [np.asarray(x).tolist() for x in jax.tree.leaves(state["params"]["ae"])][:2]}}
+print(json.dumps(out))
+"""
+
+
+def test_same_loss_and_update_on_one_and_eight_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    tests = str(Path(__file__).parent)
+    script = _EIGHT_DEVICES.format(tests=tests)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(tests).parent))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, eight = out["one"], out["eight"]
+    for k, v in one["metrics"].items():
+        np.testing.assert_allclose(eight["metrics"][k], v, rtol=1e-4, err_msg=k)
+    for a, b in zip(one["params"], eight["params"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
