@@ -4,9 +4,9 @@ Axes: B prompts, N selected words (padded to `max_nouns`), T tokens of one text 
 
 A tagger yields `(word, UPOS, start_char, end_char)`. A selected word maps to every token whose
 character span overlaps the word's, so a word split into sub-tokens ("giraffes" -> "gira", "ffes";
-T5's bare "▁" boundary piece, which the tokenizer places on the word's first character) or holding
-punctuation ("hot-dog" -> "hot", "-", "dog") maps to all of its positions, and a tagger that returns
-"traffic light" as one word gets one group. Positions index `input_ids` as the text encoder sees
+T5's bare "▁" boundary piece, whether its offset is the word's first character or the space before
+it) or holding punctuation ("hot-dog" -> "hot", "-", "dog") maps to all of its positions, and a
+tagger that returns "traffic light" as one word gets one group. Positions index `input_ids` as the text encoder sees
 them: CLIP has SOT at 0; T5 has no SOT (for SD3's joint text, add 77 to index the T5 stream).
 
 Tagging runs once, in data preparation. `prepare_batch` turns a batch of prompts into the
@@ -153,9 +153,19 @@ def span_positions(
     """Token positions overlapping each character span; spans with no token left after truncation
     to `max_length` (default `tokenizer.model_max_length`) are dropped."""
     enc = _encode(prompt, tokenizer, max_length, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    offsets = [_onto_next_word(prompt, int(ts), int(te)) for ts, te in enc["offset_mapping"]]
     groups = [[i for i, (ts, te) in enumerate(offsets) if ts < end and te > start] for start, end in spans]
     return [g for g in groups if g]
+
+
+def _onto_next_word(prompt: str, start: int, end: int) -> tuple[int, int]:
+    """A token covering only whitespace (SentencePiece's bare "▁" when the pre-tokenizer maps it to
+    the space before a word) is moved onto the next word's first character, so it joins that word."""
+    if start == end or not prompt[start:end].isspace():
+        return start, end
+    rest = prompt[end:]
+    nxt = end + len(rest) - len(rest.lstrip())
+    return nxt, nxt + 1
 
 
 def noun_token_groups(

@@ -163,8 +163,17 @@ def sentencepiece_word_positions(sp, prompt):
     return [[i for i, w in enumerate(owner) if w == k] for k in range(word + 1)]
 
 
-def test_t5_sentencepiece_word_boundaries(t5):
+@pytest.mark.parametrize("metaspace_only", [False, True])
+def test_t5_sentencepiece_word_boundaries(t5, metaspace_only):
     tok, sp = t5
+    if metaspace_only:  # a tokenizer.json whose bare "▁" offset is the space before the word
+        import copy
+
+        from tokenizers import pre_tokenizers
+
+        tok = copy.deepcopy(tok)
+        tok._tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        assert tok("a giraffe", return_offsets_mapping=True)["offset_mapping"][1] == (1, 2)
     prompt = "a giraffe near a teddy bear on a bed"
     pieces = sp.encode(prompt, out_type=str)
     assert tok.convert_ids_to_tokens(tok(prompt)["input_ids"]) == pieces + ["</s>"]
