@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -101,14 +101,14 @@ def tag(prompt: str, tagger: Tagger = "stanza") -> list[TaggedWord]:
     return [(str(w), str(u), int(s), int(e)) for w, u, s, e in out]
 
 
-def is_blacklisted(word: str, blacklist: frozenset[str] | set[str]) -> bool:
+def is_blacklisted(word: str, blacklist: Collection[str]) -> bool:
     """Case-insensitive membership, plurals included ("corners", "sides")."""
-    w = word.lower()
-    return w in blacklist or (w.endswith("s") and w[:-1] in blacklist)
+    w, lowered = word.lower(), {b.lower() for b in blacklist}
+    return w in lowered or (w.endswith("s") and w[:-1] in lowered)
 
 
 def select_spans(
-    words: Sequence[TaggedWord], include_adjectives: bool = False, blacklist: frozenset[str] = SPATIAL_NOUNS
+    words: Sequence[TaggedWord], include_adjectives: bool = False, blacklist: Collection[str] = SPATIAL_NOUNS
 ) -> list[tuple[int, int]]:
     """Character spans of the words CTCAL aligns: UPOS NOUN and PROPN (and ADJ when asked),
     minus the blacklist, in order."""
@@ -174,7 +174,7 @@ def noun_token_groups(
     tagger: Tagger = "stanza",
     include_adjectives: bool = False,
     *,
-    blacklist: frozenset[str] = SPATIAL_NOUNS,
+    blacklist: Collection[str] = SPATIAL_NOUNS,
     given: Given | None = None,
     max_length: int | None = None,
 ) -> list[list[int]]:
@@ -220,7 +220,7 @@ def prepare_batch(
     seq_len: int | None = None,
     tagger: Tagger = "stanza",
     include_adjectives: bool = False,
-    blacklist: frozenset[str] = SPATIAL_NOUNS,
+    blacklist: Collection[str] = SPATIAL_NOUNS,
     given: Sequence[Given | None] | None = None,
 ) -> dict[str, np.ndarray]:
     """`{"noun_weights": [B, N, T] float32, "token_mask": [B, T] bool}` for a batch of prompts.

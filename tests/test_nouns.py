@@ -78,7 +78,7 @@ def test_blacklist_and_propn(clip):
     assert nouns.noun_token_groups(prompt, clip, doc) == [[2], [10], [12]]
     everything = nouns.noun_token_groups(prompt, clip, doc, blacklist=frozenset())
     assert everything == [[2], [5], [6], [9], [10], [12], [15]]
-    assert nouns.noun_token_groups(prompt, clip, doc, blacklist=frozenset({"cat"})) == [[5], [6], [9], [10], [12], [15]]
+    assert nouns.noun_token_groups(prompt, clip, doc, blacklist={"Cat"}) == [[5], [6], [9], [10], [12], [15]]
 
 
 def test_adjectives(clip):
