@@ -1,11 +1,12 @@
 """Noise schedules and training targets (diffusers `DDPMScheduler`; flow matching for SD3 below).
 
 A schedule is a dict of arrays (a pytree, safe to pass through jit). Axes: B batch, T train steps.
-Timesteps are scheduler units: integers 0..T-1 for DDPM.
+Timesteps are scheduler units: integers 0..T-1 for DDPM, floats in (0, T] for flow matching.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import jax
@@ -77,3 +78,69 @@ def ddpm_target(
 def uniform_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 1000) -> jax.Array:
     """Training timesteps uniform over the integers [0, T): `[B]` int32."""
     return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
+
+
+# --- Flow matching (SD3 / SD3.5 / FLUX: diffusers `FlowMatchEulerDiscreteScheduler`) -------------
+#
+# Timesteps are floats in (0, T]; sigma = timestep / T. Schedule index k = 0 is the noisiest
+# (timestep T); timesteps decrease with k, as `scheduler.timesteps` does.
+
+
+def flow_match_schedule(num_train_timesteps: int = 1000, shift: float = 1.0) -> Schedule:
+    """`timesteps` and `sigmas` `[T]` float32: the training schedule diffusers builds in
+    `FlowMatchEulerDiscreteScheduler.__init__` (static `shift`, no dynamic shifting)."""
+    t = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
+    sigmas = t / np.float32(num_train_timesteps)
+    sigmas = np.float32(shift) * sigmas / (1 + np.float32(shift - 1) * sigmas)
+    return {"timesteps": jnp.asarray(sigmas * np.float32(num_train_timesteps)), "sigmas": jnp.asarray(sigmas)}
+
+
+def logit_normal_indices(normal: jax.Array, num_train_timesteps: int, mean: float = 0.0, std: float = 1.0) -> jax.Array:
+    """Schedule indices from standard-normal draws `[B]`: `floor(sigmoid(mean + std·n) · T)`, int32.
+
+    This is diffusers' `compute_density_for_timestep_sampling("logit_normal")` followed by
+    `(u * T).long()` (train_dreambooth_lora_sd3.py). u rounds to 1.0 in float32 only for n > ~17;
+    such an index is clipped to T − 1 where torch would fail.
+    """
+    u = jax.nn.sigmoid(mean + std * jnp.asarray(normal, jnp.float32))
+    return jnp.minimum((u * num_train_timesteps).astype(jnp.int32), num_train_timesteps - 1)
+
+
+def sample_flow_timesteps(
+    rng: jax.Array, schedule: Schedule, batch: int, mean: float = 0.0, std: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Logit-normal training timesteps and their sigmas, `([B], [B])` float32, looked up by index
+    as the SD3 training scripts do (`timesteps[indices]`, `sigmas[indices]`)."""
+    idx = logit_normal_indices(jax.random.normal(rng, (batch,)), schedule["timesteps"].shape[0], mean, std)
+    return schedule["timesteps"][idx], schedule["sigmas"][idx]
+
+
+def logit_normal_probs(num_train_timesteps: int = 1000, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
+    """`p_k = P(floor(u·T) = k)`, `u = sigmoid(mean + std·n)`, n ~ N(0, 1): `[T]` float64, host-side.
+
+    `p_k = Φ(z_{k+1}) − Φ(z_k)` with `z_k = (logit(k/T) − mean) / std` (z_0 = −∞, z_T = +∞); upper
+    tails are differenced as survival functions so small probabilities keep their precision.
+    """
+    q = np.arange(1, num_train_timesteps) / num_train_timesteps
+    z = np.concatenate([[-np.inf], (np.log(q / (1 - q)) - mean) / std, [np.inf]])
+    # Φ(z) = erfc(−z/√2)/2 and 1 − Φ(z) = erfc(z/√2)/2, each exact in its own tail.
+    erfc = np.vectorize(math.erfc, otypes=[np.float64])
+    cdf, sf = erfc(-z / math.sqrt(2)) / 2, erfc(z / math.sqrt(2)) / 2
+    return np.where(z[:-1] > 0, sf[:-1] - sf[1:], cdf[1:] - cdf[:-1])
+
+
+def flow_sigmas(timesteps: jax.Array, num_train_timesteps: int = 1000) -> jax.Array:
+    """σ = t / T for any flow-matching timestep (the schedule is built so that timesteps = σ·T; on
+    schedule points this equals `schedule["sigmas"]` to within a float32 rounding)."""
+    return jnp.asarray(timesteps, jnp.float32) / num_train_timesteps
+
+
+def flow_noisy_input(x0: jax.Array, noise: jax.Array, sigmas: jax.Array) -> jax.Array:
+    """`x_σ = (1 − σ) · x0 + σ · ε` for per-sample sigmas `[B]`."""
+    s = jnp.asarray(sigmas, x0.dtype).reshape((-1,) + (1,) * (x0.ndim - 1))
+    return (1 - s) * x0 + s * noise
+
+
+def flow_target(x0: jax.Array, noise: jax.Array) -> jax.Array:
+    """Velocity target `ε − x0`."""
+    return noise - x0
