@@ -108,12 +108,39 @@ def is_blacklisted(word: str, blacklist: Collection[str]) -> bool:
 
 
 def select_spans(
-    words: Sequence[TaggedWord], include_adjectives: bool = False, blacklist: Collection[str] = SPATIAL_NOUNS
+    words: Sequence[TaggedWord],
+    include_adjectives: bool = False,
+    blacklist: Collection[str] = SPATIAL_NOUNS,
+    merge_compounds: bool = True,
+    prompt: str | None = None,
 ) -> list[tuple[int, int]]:
     """Character spans of the words CTCAL aligns: UPOS NOUN and PROPN (and ADJ when asked),
-    minus the blacklist, in order."""
-    keep = {"NOUN", "PROPN"} | ({"ADJ"} if include_adjectives else set())
-    return [(s, e) for w, upos, s, e in words if upos in keep and not is_blacklisted(w, blacklist)]
+    minus the blacklist, in order.
+
+    With `merge_compounds`, a run of consecutive selected nouns ("traffic light", "teddy bear",
+    "fire hydrant", "New York") is one subject: one span from the first word's start to the last
+    word's end, so one group holding all their sub-tokens (SPEC §5). Nouns are consecutive when
+    nothing but whitespace separates them in `prompt` (without `prompt`: at most one character).
+    """
+    nouns = {"NOUN", "PROPN"}
+    keep = nouns | ({"ADJ"} if include_adjectives else set())
+    spans: list[tuple[int, int]] = []
+    previous_noun = False
+    for w, upos, s, e in words:
+        selected = upos in keep and not is_blacklisted(w, blacklist)
+        is_noun = selected and upos in nouns
+        if is_noun and previous_noun and merge_compounds and _only_space(prompt, spans[-1][1], s):
+            spans[-1] = (spans[-1][0], e)
+        elif selected:
+            spans.append((s, e))
+        previous_noun = is_noun
+    return spans
+
+
+def _only_space(prompt: str | None, start: int, end: int) -> bool:
+    if prompt is None:
+        return end - start <= 1
+    return prompt[start:end].isspace()
 
 
 def given_spans(prompt: str, given: Given) -> list[tuple[int, int]]:
@@ -177,6 +204,7 @@ def noun_token_groups(
     blacklist: Collection[str] = SPATIAL_NOUNS,
     given: Given | None = None,
     max_length: int | None = None,
+    merge_compounds: bool = True,
 ) -> list[list[int]]:
     """Token positions (SOT = 0) of each selected word of `prompt`, in prompt order.
 
@@ -189,11 +217,12 @@ def noun_token_groups(
       given: nouns the data carries (words or character spans); then no tagger runs and the
         blacklist does not apply (the data chose them).
       max_length: token budget of the text stream (default `tokenizer.model_max_length`).
+      merge_compounds: consecutive nouns form one subject ("traffic light"); see `select_spans`.
     """
     if given is not None:
         spans = given_spans(prompt, given)
     else:
-        spans = select_spans(tag(prompt, tagger), include_adjectives, blacklist)
+        spans = select_spans(tag(prompt, tagger), include_adjectives, blacklist, merge_compounds, prompt)
     return span_positions(prompt, tokenizer, spans, max_length)
 
 
@@ -222,6 +251,7 @@ def prepare_batch(
     include_adjectives: bool = False,
     blacklist: Collection[str] = SPATIAL_NOUNS,
     given: Sequence[Given | None] | None = None,
+    merge_compounds: bool = True,
 ) -> dict[str, np.ndarray]:
     """`{"noun_weights": [B, N, T] float32, "token_mask": [B, T] bool}` for a batch of prompts.
 
@@ -244,7 +274,7 @@ def prepare_batch(
     weights, masks = [], []
     for prompt, t, g in zip(prompts, taggers, given):
         groups = noun_token_groups(prompt, tokenizer, t, include_adjectives, blacklist=blacklist, given=g,
-                                   max_length=seq_len)
+                                   max_length=seq_len, merge_compounds=merge_compounds)
         weights.append(group_weights(groups, max_nouns, seq_len))
         masks.append(real_token_mask(prompt, tokenizer, seq_len))
     return {"noun_weights": np.stack(weights), "token_mask": np.stack(masks)}

@@ -44,8 +44,11 @@ def test_clip_groups_from_stanza_document(clip):
     # <sot> a giraffe next to a traffic light , a hot - dog and a teddy bear , <eot>
     #   0   1    2     3   4  5    6      7   8 9  10 11  12  13 14  15   16  17
     assert clip.tokenize(GIRAFFE)[9:12] == ["hot</w>", "-</w>", "dog</w>"]
-    groups = nouns.noun_token_groups(GIRAFFE, clip, conll_doc(GIRAFFE, GIRAFFE_TAGS))
-    assert groups == [[2], [6], [7], [10, 11, 12], [15], [16]]
+    doc = conll_doc(GIRAFFE, GIRAFFE_TAGS)
+    # Compound nouns ("traffic light", "teddy bear") are one subject with all their tokens.
+    assert nouns.noun_token_groups(GIRAFFE, clip, doc) == [[2], [6, 7], [10, 11, 12], [15, 16]]
+    assert nouns.noun_token_groups(GIRAFFE, clip, doc, merge_compounds=False) == [
+        [2], [6], [7], [10, 11, 12], [15], [16]]
 
 
 def test_clip_sub_token_splits(clip):
@@ -54,7 +57,7 @@ def test_clip_sub_token_splits(clip):
                                      "near</w>", "a</w>", "fire</w>", "hydr", "ant</w>"]
     doc = conll_doc(prompt, [("two", "NUM"), ("giraffes", "NOUN"), ("eating", "VERB"), ("tiramisu", "NOUN"),
                              ("near", "ADP"), ("a", "DET"), ("fire", "NOUN"), ("hydrant", "NOUN")])
-    assert nouns.noun_token_groups(prompt, clip, doc) == [[2, 3], [5, 6, 7], [10], [11, 12]]
+    assert nouns.noun_token_groups(prompt, clip, doc) == [[2, 3], [5, 6, 7], [10, 11, 12]]
 
 
 def test_hyphen_split_by_the_tagger_and_multiword_tagger_output(clip):
@@ -77,8 +80,8 @@ def test_blacklist_and_propn(clip):
     doc = conll_doc(prompt, words)
     assert nouns.noun_token_groups(prompt, clip, doc) == [[2], [10], [12]]
     everything = nouns.noun_token_groups(prompt, clip, doc, blacklist=frozenset())
-    assert everything == [[2], [5], [6], [9], [10], [12], [15]]
-    assert nouns.noun_token_groups(prompt, clip, doc, blacklist={"Cat"}) == [[5], [6], [9], [10], [12], [15]]
+    assert everything == [[2], [5, 6], [9, 10], [12], [15]]  # "left side", "top shelf": compounds
+    assert nouns.noun_token_groups(prompt, clip, doc, blacklist={"Cat"}) == [[5, 6], [9, 10], [12], [15]]
 
 
 def test_adjectives(clip):
@@ -183,6 +186,7 @@ def test_t5_sentencepiece_word_boundaries(t5, metaspace_only):
     doc = conll_doc(prompt, [(w, "NOUN" if w in ("giraffe", "teddy", "bear", "bed") else "X") for w in words])
     per_word = sentencepiece_word_positions(sp, prompt)
     expected = [per_word[i] for i, w in enumerate(words) if w in ("giraffe", "teddy", "bear", "bed")]
+    expected[1:3] = [expected[1] + expected[2]]  # "teddy bear" is one compound subject
     groups = nouns.noun_token_groups(prompt, tok, doc)
     assert groups == expected
     assert groups[0] == [1, 2, 3, 4, 5]  # the "▁" piece at position 1 belongs to "giraffe"
