@@ -40,19 +40,18 @@ def _sd_pipeline(folder, hidden_act, eos_token_id, pad_token):
                                 attention_head_dim=2, norm_num_groups=4)
     pipe = StableDiffusionPipeline(
         vae=_vae(4), text_encoder=_clip(CLIPTextModel, 32, 0, hidden_act=hidden_act, eos_token_id=eos_token_id),
-        tokenizer=real_clip_tokenizer(pad_token=pad_token), unet=unet, scheduler=DDIMScheduler(clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        tokenizer=real_clip_tokenizer(pad_token=pad_token), unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 
 
-def _sd3_pipeline(folder, with_t5=True):
-    t5 = None
-    if with_t5:
-        torch.manual_seed(2)
-        t5 = T5EncoderModel(T5Config(vocab_size=200, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                     feed_forward_proj="gated-gelu")).eval()
-        randomize(t5, 2, scale=0.1)
+def _sd3_pipeline(folder, t5_tokenizer_folder):
+    torch.manual_seed(2)
+    t5 = T5EncoderModel(T5Config(vocab_size=200, d_model=96, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                 feed_forward_proj="gated-gelu")).eval()
+    randomize(t5, 2, scale=0.1)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=96,
                                         caption_projection_dim=16, pooled_projection_dim=40, out_channels=16,
@@ -64,7 +63,7 @@ def _sd3_pipeline(folder, with_t5=True):
         tokenizer=real_clip_tokenizer(),
         text_encoder_2=_clip(CLIPTextModelWithProjection, 48, 1, hidden_act="gelu", projection_dim=24),
         tokenizer_2=real_clip_tokenizer(pad_token="!"),
-        text_encoder_3=t5, tokenizer_3=tiny_t5_tokenizer(folder / "_t5_tokenizer") if with_t5 else None)
+        text_encoder_3=t5, tokenizer_3=tiny_t5_tokenizer(t5_tokenizer_folder))
     pipe.save_pretrained(folder, safe_serialization=True)
     return pipe
 
@@ -90,7 +89,7 @@ def test_sd_matches_diffusers(kind, tmp_path):
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd3")
-    pipe = _sd3_pipeline(folder)
+    pipe = _sd3_pipeline(folder, tmp_path_factory.mktemp("t5_tokenizer"))
     with torch.no_grad():
         ref = pipe.encode_prompt(PROMPTS, None, None, device="cpu", do_classifier_free_guidance=True,
                                  negative_prompt="")
@@ -127,8 +126,11 @@ def test_sd3_precomputed_t5(sd3):
     assert rel_err(ours["prompt_embeds"], ref) <= 1e-4
 
 
-def test_sd3_without_t5(tmp_path):
-    pipe = _sd3_pipeline(tmp_path, with_t5=False)
+def test_sd3_without_t5(sd3, tmp_path):
+    """A pipeline saved without T5 (diffusers' documented memory saving): zeros for the T5 stream."""
+    folder, _ = sd3
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(tmp_path, safe_serialization=True)
     with torch.no_grad():
         ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS[:2], None, None, device="cpu",
                                                    do_classifier_free_guidance=False)
