@@ -62,11 +62,12 @@ def _scale(q: jax.Array, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
-def _fused(q, k, v, scale, with_lse: bool):
+def _fused(q, k, v, scale, with_lse: bool, bias=None, is_causal: bool = False):
     """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, XLA elsewhere."""
+    kw = dict(bias=bias, scale=scale, is_causal=is_causal)
     if with_lse:
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, return_residual=True)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale), None
+        return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
+    return jax.nn.dot_product_attention(q, k, v, **kw), None
 
 
 def _maps_from_lse(q: jax.Array, k_txt: jax.Array, lse: jax.Array, scale: float) -> jax.Array:
@@ -79,11 +80,16 @@ def _maps_from_lse(q: jax.Array, k_txt: jax.Array, lse: jax.Array, scale: float)
     return probs.mean(axis=2)
 
 
-def _explicit(q, k, v, scale, logit_mult=None):
+def _explicit(q, k, v, scale, logit_mult=None, bias=None, is_causal: bool = False):
     """Softmax attention with the probability matrix formed; returns (out, probs `[B, N, L, S]`)."""
     logits = jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * scale
     if logit_mult is not None:
         logits = logits * logit_mult
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        length, keys = logits.shape[-2:]
+        logits = jnp.where(jnp.tril(jnp.ones((length, keys), bool)), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bnls,bsnd->blnd", probs.astype(v.dtype), v)
     return out, probs
@@ -97,16 +103,24 @@ def attention(
     capture: bool = False,
     implementation: Implementation = "fused",
     scale: float | None = None,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Queries `[B, L, N, D]` attending to keys/values `[B, S, N, D]` (cross-attention: S = T text tokens).
+
+    `bias` (broadcastable to `[B, N, L, S]`) is added to the scaled logits (T5's relative positions);
+    `is_causal` lets query `i` see keys `0..i` only (CLIP's text transformer). Neither combines with
+    `capture`, which no text encoder needs.
 
     Returns `out [B, L, N, D]` and, when `capture`, the head-mean probabilities `[B, L, S]` float32.
     """
     scale = _scale(q, scale)
+    if capture and (bias is not None or is_causal):
+        raise ValueError("attention: capture=True does not support bias or is_causal")
     if implementation == "explicit":
-        out, probs = _explicit(q, k, v, scale)
+        out, probs = _explicit(q, k, v, scale, bias=bias, is_causal=is_causal)
         return out, (probs.mean(axis=1) if capture else None)
-    out, lse = _fused(q, k, v, scale, with_lse=capture)
+    out, lse = _fused(q, k, v, scale, with_lse=capture, bias=bias, is_causal=is_causal)
     return out, (_maps_from_lse(q, k, lse, scale) if capture else None)
 
 

@@ -101,3 +101,34 @@ def _bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
+
+
+_T5_CORPUS = """A photo of a cat and a dog sitting on a red sofa.
+A giraffe standing next to a traffic light in the city.
+An astronaut riding a horse on the moon, digital art.
+Two green apples and a banana on a wooden table.
+The blue car is parked near an old house by the river.
+A bowl of fruit, a cup of coffee and a book on the desk.
+Three birds flying over the mountains at sunset; oil painting.
+A small boat floating on a calm lake under the stars.
+"""
+
+
+def tiny_t5_tokenizer(folder: Path, vocab_size: int = 120):
+    """A T5 tokenizer (SentencePiece unigram, T5's `<pad>`=0, `</s>`=1, `<unk>`=2, 100 sentinel ids)
+    trained offline on a few sentences, saved to `folder` as `spiece.model` and loaded from there."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5TokenizerFast
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_T5_CORPUS.splitlines()), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    return T5TokenizerFast.from_pretrained(folder)

@@ -1,0 +1,187 @@
+"""Prompt encoding: exactly the text embeddings diffusers' pipelines feed the denoiser.
+
+Axes: B prompts, T tokens, C widths. Components are named as in a diffusers pipeline folder
+(`text_encoder`, `text_encoder_2`, `text_encoder_3`); every per-encoder dict below uses those keys.
+
+- SD 1.x / 2.x (`StableDiffusionPipeline.encode_prompt`, clip_skip=None): the CLIP text model's
+  `last_hidden_state` (after `final_layer_norm`) on 77 tokens -> `prompt_embeds [B, 77, C]`.
+- SD3 (`StableDiffusion3Pipeline.encode_prompt`): CLIP-L and CLIP-G penultimate hidden states
+  (`hidden_states[-2]`, no final norm) concatenated on features and zero-padded to the T5 width, then
+  T5's `last_hidden_state` on `max_sequence_length` (256) tokens appended on the token axis ->
+  `prompt_embeds [B, 77 + 256, C_t5]`; the two CLIP pooled projections concatenated ->
+  `pooled_prompt_embeds [B, P_l + P_g]`. A pipeline saved without T5 gets zeros for that stream.
+- Classifier-free guidance's unconditional embeddings are those of the empty prompt `""`
+  (`negative_prompt=None` or `""` in diffusers): `encode_text(encoders, params, [""] * B)`.
+
+Tokenizing runs on the host (`tokenize`, `tokenize_prompts`: int arrays and character offsets for
+noun selection); `encode_prompts` is pure and jittable, so a train step can run (and LoRA-train) the
+CLIP encoders inside jit, while the frozen T5 stream may be precomputed with `t5_embeddings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from conversion import files, load_component
+
+Family = Literal["sd", "sd3"]
+
+# Encoder component -> the tokenizer component that feeds it.
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptEncoders:
+    """The text side of one pipeline, keyed by encoder component name.
+
+    Attributes:
+      family: `"sd"` (one CLIP) or `"sd3"` (CLIP-L, CLIP-G, T5).
+      tokenizers: transformers tokenizers.
+      models: Flax text encoders; `text_encoder_3` is absent when the pipeline has no T5.
+      max_lengths: tokens per encoder (CLIP: the first tokenizer's `model_max_length`, as diffusers;
+        T5: `max_sequence_length`).
+      joint_attention_dim: SD3 only, the width of the zero T5 stream used when there is no T5.
+    """
+
+    family: Family
+    tokenizers: dict[str, Any]
+    models: dict[str, nn.Module]
+    max_lengths: dict[str, int]
+    joint_attention_dim: int | None = None
+
+
+def tokenize(tokenizer: Any, prompts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
+    """Pad to and truncate at `max_length` with special tokens, as the pipelines call the tokenizer.
+
+    Returns `input_ids` int32 `[B, max_length]` and `offsets` int32 `[B, max_length, 2]`: each token's
+    `[start, end)` characters in its prompt (`(0, 0)` for special and padding tokens).
+    """
+    enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    return_offsets_mapping=True)
+    ids = np.asarray(enc["input_ids"], np.int32)
+    offsets = np.asarray(enc["offset_mapping"], np.int32).reshape(*ids.shape, 2)
+    return {"input_ids": ids, "offsets": offsets}
+
+
+def tokenize_prompts(encoders: PromptEncoders, prompts: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """`tokenize` for every tokenizer of the pipeline: `{component: {"input_ids", "offsets"}}`."""
+    return {c: tokenize(tok, prompts, encoders.max_lengths[c]) for c, tok in encoders.tokenizers.items()}
+
+
+def t5_embeddings(encoders: PromptEncoders, params: dict[str, Any], input_ids: dict[str, jax.Array]) -> jax.Array:
+    """SD3's T5 stream `[B, T_t5, C_t5]`: T5's `last_hidden_state`, or zeros when the pipeline has no T5."""
+    if "text_encoder_3" not in encoders.models:
+        batch = next(iter(input_ids.values())).shape[0]
+        return jnp.zeros((batch, encoders.max_lengths["text_encoder_3"], encoders.joint_attention_dim))
+    model = encoders.models["text_encoder_3"]
+    return model.apply({"params": params["text_encoder_3"]}, input_ids["text_encoder_3"])["last_hidden_state"]
+
+
+def encode_prompts(
+    encoders: PromptEncoders,
+    params: dict[str, Any],
+    input_ids: dict[str, jax.Array],
+    t5_embeds: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """Token ids -> the denoiser's text inputs. Pure; jit it with `encoders` closed over.
+
+    Args:
+      params: `{component: params}` of the text encoders (LoRA merged in by the caller).
+      input_ids: `{component: [B, T] int}`, from `tokenize_prompts`.
+      t5_embeds: SD3's precomputed T5 stream (`t5_embeddings`); computed here when `None`.
+
+    Returns `{"prompt_embeds"}` for SD, `{"prompt_embeds", "pooled_prompt_embeds"}` for SD3 (module docstring).
+    """
+    if encoders.family == "sd":
+        out = encoders.models["text_encoder"].apply({"params": params["text_encoder"]}, input_ids["text_encoder"])
+        return {"prompt_embeds": out["last_hidden_state"]}
+    hidden, pooled = [], []
+    for c in ("text_encoder", "text_encoder_2"):
+        out = encoders.models[c].apply({"params": params[c]}, input_ids[c], output_hidden_states=True)
+        hidden.append(out["hidden_states"][-2])
+        pooled.append(out["pooled"])
+    if t5_embeds is None:
+        t5_embeds = t5_embeddings(encoders, params, input_ids)
+    # torch's F.pad to the T5 width: zeros on the right (a negative pad would crop).
+    width = t5_embeds.shape[-1]
+    clip = jnp.concatenate(hidden, axis=-1)[..., :width]
+    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
+    return {
+        "prompt_embeds": jnp.concatenate([clip, t5_embeds.astype(clip.dtype)], axis=1),
+        "pooled_prompt_embeds": jnp.concatenate(pooled, axis=-1),
+    }
+
+
+def encode_text(encoders: PromptEncoders, params: dict[str, Any], prompts: Sequence[str]) -> dict[str, jax.Array]:
+    """Tokenize and encode in one call (sampling, data preparation); `[""] * B` gives the CFG negatives."""
+    tokens = tokenize_prompts(encoders, prompts)
+    return encode_prompts(encoders, params, {c: jnp.asarray(t["input_ids"]) for c, t in tokens.items()})
+
+
+def load_encoders(
+    path: str | Path,
+    dtype: Any = jnp.float32,
+    *,
+    compute_dtype: Any = None,
+    max_sequence_length: int = 256,
+) -> tuple[PromptEncoders, dict[str, Any]]:
+    """Tokenizers and text encoders of a diffusers pipeline folder, offline: `(encoders, params)`.
+
+    SD 1.x/2.x folders hold `text_encoder` (+ `tokenizer`); SD3 folders add `text_encoder_2` and,
+    unless saved without it, `text_encoder_3` (T5). `dtype`/`compute_dtype` as in `load_component`;
+    `max_sequence_length` is SD3's T5 token count.
+    """
+    path = Path(path)
+    index = files.read_json(path / "model_index.json")
+    if "text_encoder_3" in index:
+        family: Family = "sd3"
+    elif "text_encoder_2" in index:
+        raise ValueError(f"{path / 'model_index.json'}: a text_encoder_2 without text_encoder_3 (SDXL?) is not supported")
+    else:
+        family = "sd"
+    components = ("text_encoder", "text_encoder_2", "text_encoder_3") if family == "sd3" else ("text_encoder",)
+    tokenizers, models, params = {}, {}, {}
+    for c in components:
+        if _absent(index, c):
+            if c != "text_encoder_3":
+                raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {c}")
+            continue
+        models[c], params[c] = load_component(path, c, dtype, compute_dtype=compute_dtype)
+        tokenizers[c] = _load_tokenizer(path, TOKENIZERS[c], index)
+    clip_length = tokenizers["text_encoder"].model_max_length
+    max_lengths = {"text_encoder": clip_length}
+    joint_dim = None
+    if family == "sd3":
+        max_lengths.update(text_encoder_2=clip_length, text_encoder_3=max_sequence_length)
+        if "text_encoder_3" not in models:
+            joint_dim = files.read_json(files.component_dir(path, "transformer") / "config.json")["joint_attention_dim"]
+    return PromptEncoders(family, tokenizers, models, max_lengths, joint_dim), params
+
+
+def _absent(index: dict[str, Any], component: str) -> bool:
+    entry = index.get(component)
+    return not isinstance(entry, list) or entry[0] is None
+
+
+def _load_tokenizer(path: Path, component: str, index: dict[str, Any]) -> Any:
+    if _absent(index, component):
+        raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {component}")
+    cls = index[component][1]
+    if cls not in _TOKENIZER_CLASSES:
+        raise ValueError(f"{path / 'model_index.json'}: tokenizer class {cls!r} of {component} is not supported "
+                         f"(supported: {_TOKENIZER_CLASSES})")
+    folder = path / component
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: tokenizer folder named in model_index.json is missing")
+    import transformers  # imported here: only loading needs it, and it is slow to import
+
+    return getattr(transformers, cls).from_pretrained(folder)
