@@ -1,0 +1,404 @@
+"""Extra time of capturing attention maps, and of TACA, relative to a plain forward: ctcal_jax vs the
+PyTorch explicit-softmax way, on the same machine in one run.
+
+    python benchmarks/attention.py --preset cpu-small --json out/attention.json
+    python benchmarks/attention.py --preset sd21-512  --json out/attention.json   # GPU host
+    python benchmarks/attention.py --preset sd3m-1024 --json out/attention.json   # GPU host
+
+What runs, per model (the same random weights on both sides):
+- UNet (SD 2.1 layout): plain forward vs a forward that also returns the cross-attention maps of the
+  capture resolution (the third level, 16×16 at 512 px).
+- MM-DiT (SD3-medium layout): plain vs maps of every joint block vs TACA (γ active for every sample).
+- ctcal_jax: one `jax.jit` per variant (`capture=None` / `AttnCapture(...)` / `taca=TACA(...)`), fused
+  attention (`jax.nn.dot_product_attention`; maps rebuilt from its log-sum-exp).
+- PyTorch: diffusers with its default SDPA processors for the plain forward; for maps / TACA the
+  attention layers concerned get a processor that forms the softmax explicitly, as Attend-and-Excite,
+  the official TACA code and gsn-factory do (only the captured layers, PyTorch's best case).
+Overhead = median(variant) / median(plain) − 1, jit warm-up excluded, variants timed round-robin.
+
+Output: a table of overheads (the headline) and `--json` with `capture_overhead` (ours, the larger of
+the two models), `taca_overhead` (ours, MM-DiT), `device`, and per-model entries with both sides'
+median times. The script measures; it does not assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# PyTorch shares the GPU with JAX here: JAX must not grab 75 % of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------- presets
+
+SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True,
+)
+SD3M_MMDIT = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Small enough for a laptop CPU in a few minutes, large enough that attention is a real share
+    # of the forward (the same text/image token ratio as SD3 at 512 px, SD 2.1's UNet layout).
+    "cpu-small": dict(
+        dtype="float32", batch=2, runs=11,
+        unet=dict(config=dict(
+            sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(64, 128, 256, 256), attention_head_dim=(2, 4, 8, 8), cross_attention_dim=256,
+            down_block_types=SD21_UNET["down_block_types"], up_block_types=SD21_UNET["up_block_types"],
+            use_linear_projection=True,
+        ), latent=32, text_len=77, resolution=8),
+        mmdit=dict(config=dict(
+            sample_size=32, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64,
+            num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256,
+            pooled_projection_dim=128, out_channels=16, pos_embed_max_size=32,
+        ), latent=32, text_len=77),
+    ),
+    "sd21-512": dict(
+        dtype="bfloat16", batch=2, runs=20,
+        unet=dict(config=SD21_UNET, latent=64, text_len=77, resolution=16),
+        mmdit=dict(config=SD3M_MMDIT, latent=64, text_len=333),
+    ),
+    "sd3m-1024": dict(
+        dtype="bfloat16", batch=2, runs=20,
+        unet=dict(config=SD21_UNET, latent=64, text_len=77, resolution=16),
+        mmdit=dict(config=SD3M_MMDIT, latent=128, text_len=333),
+    ),
+}
+TACA_ON = TACA(gamma=1.2, t_threshold=970.0)
+T_ACTIVE = 980.0  # every sample at or above the threshold: TACA's γ is in effect
+
+
+# ---------------------------------------------------------------------------------------- PyTorch side
+
+
+class _UNetMapsProcessor:
+    """Cross-attention with the softmax formed explicitly (Attend-and-Excite): head-mean maps kept."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch
+
+        b, length, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(context))
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)  # [B·N, L, T]
+        self.store.append(probs.reshape(b, attn.heads, length, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class _JointExplicitProcessor:
+    """SD3 joint attention with the softmax formed explicitly: TACA scales the image-query ×
+    text-key logits by `gamma` (official TACA pattern); `store` keeps the head-mean map block."""
+
+    def __init__(self, store: list | None = None, gamma: float | None = None):
+        self.store, self.gamma = store, gamma
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch
+
+        b, n_img, _ = hidden_states.shape
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            q, k, cq, ck = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        logits = (q @ k.transpose(-1, -2)) * attn.scale
+        if self.gamma is not None:
+            logits[:, :, :n_img, n_img:] *= self.gamma
+        probs = logits.softmax(-1)
+        if self.store is not None:
+            self.store.append(probs[:, :, :n_img, n_img:].mean(1))
+        out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
+        img, txt = attn.to_out[0](out[:, :n_img]), out[:, n_img:]
+        return img, (txt if attn.context_pre_only else attn.to_add_out(txt))
+
+
+class _Switch:
+    """Installed once; calls the processor of the current `mode` (so timing never re-installs)."""
+
+    def __init__(self, mode: dict, procs: dict):
+        self.mode, self.procs = mode, procs
+
+    def __call__(self, *args, **kwargs):
+        return self.procs[self.mode["name"]](*args, **kwargs)
+
+
+def _torch_runner(model, procs_by_mode: dict[str, dict], call: Callable[[], Any], store: list):
+    """Install `_Switch`es for the layers whose processor differs between modes; return
+    `mode -> fn` running `call()` in that mode (maps averaged as ours are) and synchronising."""
+    import torch
+
+    mode = {"name": "plain"}
+    names = procs_by_mode["plain"]
+    model.set_attn_processor({n: _Switch(mode, {m: p[n] for m, p in procs_by_mode.items()}) for n in names})
+
+    def make(name):
+        def fn():
+            mode["name"] = name
+            store.clear()
+            with torch.inference_mode():
+                out = call()
+                if store:
+                    torch.stack(store).mean(0)
+            _torch_sync()
+            return out
+        return fn
+
+    return {m: make(m) for m in procs_by_mode}
+
+
+def _to_torch_device(model, dtype):
+    model = model.to(_torch_device())
+    return model if dtype == next(model.parameters()).dtype else model.to(dtype)
+
+
+def _torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _jax_params(torch_model, family: str, dtype) -> tuple[Any, Any]:
+    """The Flax module and params holding the PyTorch model's weights (in memory, no files)."""
+    import importlib
+
+    from conversion import names
+
+    fam = importlib.import_module(f"conversion.{family}")
+    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(torch_model.config).items()}
+    module = fam.build(config, dtype=dtype)
+    state = {k: v.detach().float().cpu().numpy() for k, v in torch_model.state_dict().items()}
+    params = names.torch_to_flax(state, fam.abstract_params(module, config), source=f"benchmark {family}",
+                                 rename=getattr(fam, "rename", None))
+    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def _time_round_robin(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn; warm-up calls (jit compilation) are not timed."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _overheads(medians: dict[str, float]) -> dict[str, float]:
+    return {f"{k}_overhead": medians[k] / medians["plain"] - 1.0 for k in medians if k != "plain"}
+
+
+def _entry(medians: dict[str, float]) -> dict[str, Any]:
+    return {"median_s": medians, **_overheads(medians)}
+
+
+# ------------------------------------------------------------------------------------------------ UNet
+
+
+def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, Any]:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    ref = UNet2DConditionModel(**spec["config"]).eval()
+    dtype = jnp.dtype(dtype_name)
+    module, params = _jax_params(ref, "unet", dtype)
+    tdtype = getattr(torch, dtype_name)
+    ref = _to_torch_device(ref, tdtype)
+
+    rng = np.random.default_rng(0)
+    lat, ctx_dim = spec["latent"], spec["config"]["cross_attention_dim"]
+    x = rng.standard_normal((batch, lat, lat, 4)).astype(np.float32)
+    ctx = rng.standard_normal((batch, spec["text_len"], ctx_dim)).astype(np.float32)
+    t = np.full((batch,), T_ACTIVE, np.float32)
+
+    # ctcal_jax
+    xj, ctxj, tj = jnp.asarray(x, dtype), jnp.asarray(ctx, dtype), jnp.asarray(t)
+    plain = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
+    capture = jax.jit(lambda p, *a: module.apply({"params": p}, *a, capture=AttnCapture((spec["resolution"],))))
+    jax_times = _time_round_robin({
+        "plain": lambda: jax.block_until_ready(plain(params, xj, tj, ctxj)),
+        "capture": lambda: jax.block_until_ready(capture(params, xj, tj, ctxj)),
+    }, runs)
+
+    # PyTorch: SDPA everywhere vs explicit softmax on the captured cross-attention layers.
+    dev = _torch_device()
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev, tdtype)
+    ctxt, tt = torch.from_numpy(ctx).to(dev, tdtype), torch.from_numpy(t).to(dev)
+    default = dict(ref.attn_processors)
+    level = int(np.log2(lat // spec["resolution"]))  # down level whose maps have the capture size
+    n_up = len(spec["config"]["block_out_channels"]) - 1 - level
+    captured = [n for n in default if n.endswith("attn2.processor")
+                and (n.startswith(f"down_blocks.{level}.") or n.startswith(f"up_blocks.{n_up}."))]
+    store: list = []
+    explicit = {n: (_UNetMapsProcessor(store) if n in captured else p) for n, p in default.items()}
+
+    fns = _torch_runner(ref, {"plain": default, "capture": explicit}, lambda: ref(xt, tt, ctxt).sample, store)
+    torch_times = _time_round_robin(fns, runs)
+    return {"config": spec, "captured_torch_layers": len(captured),
+            "jax": _entry(jax_times), "torch": _entry(torch_times)}
+
+
+# ---------------------------------------------------------------------------------------------- MM-DiT
+
+
+def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, Any]:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    ref = SD3Transformer2DModel(**spec["config"]).eval()
+    dtype = jnp.dtype(dtype_name)
+    module, params = _jax_params(ref, "mmdit", dtype)
+    tdtype = getattr(torch, dtype_name)
+    ref = _to_torch_device(ref, tdtype)
+
+    cfg = spec["config"]
+    rng = np.random.default_rng(0)
+    lat = spec["latent"]
+    x = rng.standard_normal((batch, lat, lat, cfg["in_channels"])).astype(np.float32)
+    ctx = rng.standard_normal((batch, spec["text_len"], cfg["joint_attention_dim"])).astype(np.float32)
+    pooled = rng.standard_normal((batch, cfg["pooled_projection_dim"])).astype(np.float32)
+    t = np.full((batch,), T_ACTIVE, np.float32)
+
+    args = (jnp.asarray(x, dtype), jnp.asarray(t), jnp.asarray(ctx, dtype), jnp.asarray(pooled, dtype))
+    plain = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
+    capture = jax.jit(lambda p, *a: module.apply({"params": p}, *a, capture=AttnCapture()))
+    taca = jax.jit(lambda p, *a: module.apply({"params": p}, *a, taca=TACA_ON))
+    jax_times = _time_round_robin({
+        "plain": lambda: jax.block_until_ready(plain(params, *args)),
+        "capture": lambda: jax.block_until_ready(capture(params, *args)),
+        "taca": lambda: jax.block_until_ready(taca(params, *args)),
+    }, runs)
+
+    dev = _torch_device()
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev, tdtype)
+    ctxt, pt = torch.from_numpy(ctx).to(dev, tdtype), torch.from_numpy(pooled).to(dev, tdtype)
+    tt = torch.from_numpy(t).to(dev)
+    default = dict(ref.attn_processors)
+    store: list = []
+
+    def joint(proc):
+        return {n: (proc if ".attn." in n else p) for n, p in default.items()}
+
+    fns = _torch_runner(ref, {
+        "plain": default,
+        "capture": joint(_JointExplicitProcessor(store=store)),
+        "taca": joint(_JointExplicitProcessor(gamma=TACA_ON.gamma)),
+    }, lambda: ref(xt, ctxt, pt, tt).sample, store)
+    torch_times = _time_round_robin(fns, runs)
+    return {"config": spec, "jax": _entry(jax_times), "torch": _entry(torch_times)}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def describe_device() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    d = jax.devices()[0]
+    return {
+        "jax": f"{d.platform}: {getattr(d, 'device_kind', d)} ×{jax.device_count()}",
+        "torch": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                  else f"cpu ({torch.get_num_threads()} threads)"),
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "versions": f"jax {jax.__version__}, torch {torch.__version__}",
+        # Other work on the machine skews absolute times (and, less, the ratios): say how busy it was.
+        "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _row(model: str, side: str, e: dict[str, Any]) -> str:
+    cap = f"{100 * e['capture_overhead']:+7.1f}%"
+    taca = f"{100 * e['taca_overhead']:+7.1f}%" if "taca_overhead" in e else "      –"
+    return f"{model:7s} {side:22s} {cap:>9s} {taca:>9s} {1000 * e['median_s']['plain']:11.1f}"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--runs", type=int, help="timed runs per variant (median reported)")
+    parser.add_argument("--only", choices=("unet", "mmdit"), help="one model only")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    runs = args.runs or preset["runs"]
+
+    results: dict[str, Any] = {"preset": args.preset, "device": describe_device(),
+                               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+                               "dtype": preset["dtype"], "batch": preset["batch"], "runs": runs, "models": {}}
+    if args.only in (None, "unet"):
+        results["models"]["unet"] = bench_unet(preset["unet"], preset["batch"], preset["dtype"], runs)
+    if args.only in (None, "mmdit"):
+        results["models"]["mmdit"] = bench_mmdit(preset["mmdit"], preset["batch"], preset["dtype"], runs)
+    models = results["models"]
+    results["capture_overhead"] = max(m["jax"]["capture_overhead"] for m in models.values())
+    if "mmdit" in models:
+        results["taca_overhead"] = models["mmdit"]["jax"]["taca_overhead"]
+
+    print(f"\nAttention overhead, preset {args.preset} ({preset['dtype']}, batch {preset['batch']}, "
+          f"median of {runs})  —  {results['device']['jax']} / torch {results['device']['torch']}")
+    print(f"{'model':7s} {'implementation':22s} {'+capture':>9s} {'+TACA':>9s} {'plain (ms)':>11s}")
+    for name, m in models.items():
+        print(_row(name, "ctcal_jax (fused)", m["jax"]))
+        print(_row(name, "PyTorch explicit", m["torch"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
