@@ -17,6 +17,7 @@ never formed by this code; the explicit path forms it and is the reference the t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -62,22 +63,74 @@ def _scale(q: jax.Array, scale: float | None) -> float:
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
-def _fused(q, k, v, scale, with_lse: bool, bias=None, is_causal: bool = False):
-    """`jax.nn.dot_product_attention`: cuDNN flash attention on GPU where it applies, XLA elsewhere."""
-    kw = dict(bias=bias, scale=scale, is_causal=is_causal)
+def _kernel(q: jax.Array, bias: jax.Array | None) -> str:
+    """cuDNN flash attention where it applies (GPU, 16-bit, head dim a multiple of 8 up to 128),
+    else XLA. `implementation=None` would mean XLA everywhere in current JAX."""
+    d = q.shape[-1]
+    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and d % 8 == 0 and d <= 128 and bias is None):
+        return "cudnn"
+    return "xla"
+
+
+def _fused(q, k, v, scale, with_lse: bool = False, bias=None, is_causal: bool = False):
+    """`jax.nn.dot_product_attention` -> (out, lse `[B, L, N]` or None)."""
+    kw = dict(bias=bias, scale=scale, is_causal=is_causal, implementation=_kernel(q, bias))
     if with_lse:
         return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
     return jax.nn.dot_product_attention(q, k, v, **kw), None
 
 
 def _maps_from_lse(q: jax.Array, k_txt: jax.Array, lse: jax.Array, scale: float) -> jax.Array:
-    """Head-mean probabilities of the (q, k_txt) block given the row log-sum-exp over all keys.
+    """Per-head probabilities of the (q, k_txt) block given the row log-sum-exp over all keys.
 
-    q `[B, L, N, D]`, k_txt `[B, T, N, D]`, lse `[B, L, N]` -> `[B, L, T]` float32.
+    q `[B, L, N, D]`, k_txt `[B, T, N, D]`, lse `[B, L, N]` -> `[B, L, N, T]` float32.
     """
     logits = jnp.einsum("blnd,btnd->blnt", q, k_txt, preferred_element_type=jnp.float32) * scale
-    probs = jnp.exp(logits - lse.astype(jnp.float32)[..., None])
-    return probs.mean(axis=2)
+    return jnp.exp(logits - lse.astype(jnp.float32)[..., None])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused_with_maps(q, k, v, scale: float, rows: tuple[int, int], keys: tuple[int, int]):
+    """Fused attention plus the head-mean probabilities of queries `q[:, rows]` × keys `k[:, keys]`.
+
+    The kernel returns its log-sum-exp without a gradient, so the maps get their own backward
+    pass: through `lse = log Σ_j exp(s q·k_j)`, `∂lse/∂q = s · softmax(q kᵀ) k` (an attention call
+    with the keys as values) and `∂lse/∂k_j = s · P_j q` (the value-gradient of an attention call).
+    Neither forms the attention matrix.
+    """
+    return _fused_with_maps_fwd(q, k, v, scale, rows, keys)[0]
+
+
+def _fused_with_maps_fwd(q, k, v, scale, rows, keys):
+    out, lse = _fused(q, k, v, scale, with_lse=True)
+    maps = _maps_from_lse(q[:, slice(*rows)], k[:, slice(*keys)], lse[:, slice(*rows)], scale).mean(axis=2)
+    return (out, maps), (q, k, v, lse)
+
+
+def _fused_with_maps_bwd(scale, rows, keys, res, cotangents):
+    q, k, v, lse = res
+    g_out, g_maps = cotangents
+    _, attention_vjp = jax.vjp(lambda q_, k_, v_: _fused(q_, k_, v_, scale)[0], q, k, v)
+    dq, dk, dv = attention_vjp(g_out)
+    r, t = slice(*rows), slice(*keys)
+    q_r, k_t = q[:, r], k[:, t]
+    probs = _maps_from_lse(q_r, k_t, lse[:, r], scale)  # [B, Lr, N, T]
+    d_logits = probs * (g_maps.astype(jnp.float32)[:, :, None, :] / q.shape[2])  # through the head mean
+    d_lse = -d_logits.sum(-1)  # [B, Lr, N]
+    dq_r = scale * jnp.einsum("blnt,btnd->blnd", d_logits, k_t.astype(jnp.float32))
+    dk_t = scale * jnp.einsum("blnt,blnd->btnd", d_logits, q_r.astype(jnp.float32))
+    # The log-sum-exp's own gradient, with two more fused calls.
+    weighted_keys = _fused(q_r, k, k, scale)[0].astype(jnp.float32)  # softmax(q kᵀ) k
+    dq_r = dq_r + scale * d_lse[..., None] * weighted_keys
+    _, value_vjp = jax.vjp(lambda k_: _fused(q_r, k, k_, scale)[0], k)
+    (dk_lse,) = value_vjp((scale * d_lse[..., None] * q_r.astype(jnp.float32)).astype(k.dtype))
+    dq = dq.at[:, r].add(dq_r.astype(dq.dtype))
+    dk = (dk + dk_lse).at[:, t].add(dk_t.astype(dk.dtype))
+    return dq, dk, dv
+
+
+_fused_with_maps.defvjp(_fused_with_maps_fwd, _fused_with_maps_bwd)
 
 
 def _explicit(q, k, v, scale, logit_mult=None, bias=None, is_causal: bool = False):
@@ -120,8 +173,9 @@ def attention(
     if implementation == "explicit":
         out, probs = _explicit(q, k, v, scale, bias=bias, is_causal=is_causal)
         return out, (probs.mean(axis=1) if capture else None)
-    out, lse = _fused(q, k, v, scale, with_lse=capture, bias=bias, is_causal=is_causal)
-    return out, (_maps_from_lse(q, k, lse, scale) if capture else None)
+    if capture:
+        return _fused_with_maps(q, k, v, scale, (0, q.shape[1]), (0, k.shape[1]))
+    return _fused(q, k, v, scale, bias=bias, is_causal=is_causal)
 
 
 def joint_attention(
@@ -167,17 +221,19 @@ def joint_attention(
         return out, (probs[:, :, img, txt].mean(axis=1) if capture else None)
 
     if gamma is None:
-        out, lse = _fused(q, k, v, scale, with_lse=capture)
-        maps = _maps_from_lse(q[:, img], k[:, txt], lse[:, img], scale) if capture else None
-        return out, maps
+        if capture:
+            return _fused_with_maps(q, k, v, scale, (img.start, img.stop), (txt.start, txt.stop))
+        return _fused(q, k, v, scale)
 
     # TACA: image-query rows see keys [k_img, γ·k_txt]; text-query rows see the plain keys.
     # Two fused calls with the same total work as one; no attention matrix is formed here.
     g = jnp.asarray(gamma, jnp.float32)[:, None, None, None]
     k_scaled = k * jnp.where(is_txt[None, :, None, None], g, 1.0).astype(k.dtype)
-    out_img, lse_img = _fused(q[:, img], k_scaled, v, scale, with_lse=capture)
-    out_txt, _ = _fused(q[:, txt], k, v, scale, with_lse=False)
+    q_img = q[:, img]
+    if capture:
+        out_img, maps = _fused_with_maps(q_img, k_scaled, v, scale, (0, q_img.shape[1]), (txt.start, txt.stop))
+    else:
+        (out_img, _), maps = _fused(q_img, k_scaled, v, scale), None
+    out_txt, _ = _fused(q[:, txt], k, v, scale)
     parts = (out_txt, out_img) if text_start == 0 else (out_img, out_txt)
-    out = jnp.concatenate(parts, axis=1)
-    maps = _maps_from_lse(q[:, img], k_scaled[:, txt], lse_img, scale) if capture else None
-    return out, maps
+    return jnp.concatenate(parts, axis=1), maps
