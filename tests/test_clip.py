@@ -111,3 +111,28 @@ def test_eos_positions():
     np.testing.assert_array_equal(eos_positions(ids, 49407), [2, 1, 0])
     # Legacy configs take the largest id: the first EOS, or else the largest ordinary token.
     np.testing.assert_array_equal(eos_positions(ids, 2), [2, 1, 1])
+
+
+FULL_SIZE = {  # the text encoders of SD 1.x (OpenAI CLIP-L) and SD 2.x (OpenCLIP ViT-H)
+    "clip-l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu", eos_token_id=2),
+    "openclip-h": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                       hidden_act="gelu", eos_token_id=2),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size(name, tmp_path):
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **FULL_SIZE[name])).eval()
+    randomize(model, scale=0.01)
+    folder = save(model, tmp_path)
+    ids = real_clip_tokenizer()(PROMPTS, padding="max_length", max_length=77, return_tensors="np").input_ids
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), output_hidden_states=True)
+    module, params = load_component(folder, "text_encoder")
+    out = jax.jit(lambda p, i: module.apply({"params": p}, i, output_hidden_states=True))(params, jnp.asarray(ids))
+    assert rel_err(out["last_hidden_state"], ref.last_hidden_state) <= 1e-4
+    assert rel_err(out["hidden_states"][-2], ref.hidden_states[-2]) <= 1e-4
+    assert rel_err(out["pooled"], ref.pooler_output) <= 1e-4

@@ -1,6 +1,7 @@
 """T5 encoder against transformers' `T5EncoderModel` with the same random weights (gated-gelu as in
 T5 v1.1 / SD3, and plain relu), and the relative-position buckets against transformers' function."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -81,3 +82,19 @@ def test_relative_position_bucket_values():
     # n=12: 8·log(1.5)/log(16) = 1.17 -> 9; n=16: 2 -> 10; n=127: 7.98 -> 15.
     expected = np.array([0, 16 + 1, 16 + 7, 16 + 8, 16 + 9, 16 + 10, 16 + 15, 16 + 15, 16 + 15, 1, 8, 15])
     np.testing.assert_array_equal(relative_position_bucket(offsets), expected)
+
+
+@pytest.mark.slow
+def test_full_width(tmp_path):
+    """SD3's T5 v1.1 XXL widths (one block, small vocabulary) on 256 tokens."""
+    config = T5Config(vocab_size=1000, d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64,
+                      feed_forward_proj="gated-gelu")
+    torch.manual_seed(0)
+    model = T5EncoderModel(config).eval()
+    folder = save(model, tmp_path)
+    ids = np.random.RandomState(0).randint(0, 1000, (1, 256))
+    with torch.no_grad():
+        ref = model(torch.tensor(ids)).last_hidden_state
+    module, params = load_component(folder, "text_encoder_3")
+    out = jax.jit(module.apply)({"params": params}, jnp.asarray(ids))["last_hidden_state"]
+    assert rel_err(out, ref) <= 1e-4

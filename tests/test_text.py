@@ -163,3 +163,14 @@ def test_tokenize_offsets(sd3):
     for piece, (s, e) in zip(pieces, t5["offsets"][0]):
         if e > s and piece not in ("▁", "<unk>"):
             assert prompt[s:e] == piece.lstrip("▁")
+
+
+def test_load_encoders_refuses_unsupported_layouts(tmp_path):
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"], '
+        '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
+    with pytest.raises(ValueError, match="text_encoder_2 without text_encoder_3"):
+        text.load_encoders(tmp_path)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "text_encoder": [null, null]}')
+    with pytest.raises(ValueError, match="no text_encoder"):
+        text.load_encoders(tmp_path)

@@ -123,3 +123,23 @@ def test_latent_scaling_by_hand():
     np.testing.assert_allclose(unscale_latents(jnp.asarray([[0.3643]]), sd), [[2.0]], rtol=1e-6)
     np.testing.assert_allclose(unscale_latents(jnp.asarray([[2.96779255]]), sd3), [[2.0]], rtol=1e-6)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sd", "sd3"])
+def test_full_size(kind, tmp_path):
+    """The SD 1.x/2.x and SD3 VAE configs on 64×64 images."""
+    config = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+    if kind == "sd3":
+        config.update(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                      scaling_factor=1.5305)
+    vae = _torch_vae(**config)
+    folder = save(vae, tmp_path)
+    images = np.random.RandomState(0).uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    mean, logvar, latents, decoded = _reference(vae, images)
+    module, params = load_component(folder, "vae")
+    ours_mean, ours_logvar = jax.jit(lambda p, x: module.apply({"params": p}, x, method="encode"))(params, images)
+    assert rel_err(ours_mean, mean) <= 1e-4
+    assert rel_err(ours_logvar, logvar) <= 1e-4
+    ours = jax.jit(lambda p, z: module.apply({"params": p}, z, method="decode"))(params, latents)
+    assert rel_err(ours, decoded) <= 1e-4
