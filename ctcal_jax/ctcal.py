@@ -264,15 +264,21 @@ def ctcal_loss(
     ae_params: Any,
     t_stu: jax.Array,
     config: CTCALConfig,
+    t_tea: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The CTCAL part of the training loss: `mean_b λ_t · L_CTCAL` (scalar) and batch-mean metrics
     `ctcal_<term>` (unweighted terms), `ctcal` (mean L_CTCAL) and `ctcal_weighted` (the scalar).
 
     The full objective is `gors_weighted_mean(diffusion_loss, reward) + ctcal_loss(...)[0]`.
-    Teacher maps get no gradient; the autoencoder gets gradients through λ2 and λ3.
+    Teacher maps get no gradient; the autoencoder gets gradients through λ2 and λ3. With `t_tea`, a
+    sample whose teacher is not cleaner than its student (`t_tea ≥ t_stu`) has no term (our
+    choice: SD3's fixed teacher timestep can lie above a small sampled t_stu).
     """
     per_sample, terms = ctcal_terms(student_maps, teacher_maps, noun_weights, token_mask, ae_params, config)
-    loss = (adaptive_weight(t_stu, config) * per_sample).mean()
+    weight = adaptive_weight(t_stu, config)
+    if t_tea is not None:
+        weight = weight * (jnp.asarray(t_tea, jnp.float32) < jnp.asarray(t_stu, jnp.float32))
+    loss = (weight * per_sample).mean()
     metrics = {f"ctcal_{k}": v.mean() for k, v in terms.items()}
     metrics.update(ctcal=per_sample.mean(), ctcal_weighted=loss)
     return loss, metrics

@@ -40,7 +40,7 @@ class Family:
 
     Attributes:
       forward: `(frozen, trainable, batch, rng) -> {"pred", "target", "student_maps",
-        "teacher_maps", "t_stu"}`; maps `[B, h, w, T_total]` as the denoiser's `aux["attn"]`.
+        "teacher_maps", "t_stu", "t_tea"}`; maps `[B, h, w, T_total]` as the denoiser's `aux["attn"]`.
       streams: text streams of the maps: name -> (token slice on the last map axis, batch key of
         its noun weights, batch key of its token mask). SD 1.x/2.x has one, SD3 two (CLIP, T5);
         the CTCAL loss is averaged over streams.
@@ -53,7 +53,8 @@ class Family:
 
 
 def loss_fn(family: Family, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
-    """`L = mean_b w_gors · L_diffusion + mean_b λ_t · L_CTCAL` (SPEC §3) and its metrics."""
+    """`L = mean_b w_gors · L_diffusion + mean_b λ_t · L_CTCAL` (SPEC §3) and its metrics; with
+    several text streams the CTCAL part is their mean (metrics prefixed `<stream>/`)."""
     out = family.forward(frozen, trainable, batch, rng)
     err = (out["pred"].astype(jnp.float32) - out["target"].astype(jnp.float32)) ** 2
     diffusion = err.reshape(err.shape[0], -1).mean(axis=1)  # [B]
@@ -61,8 +62,8 @@ def loss_fn(family: Family, trainable: Any, frozen: Any, batch: Batch, rng: jax.
     metrics = {"diffusion": diffusion.mean()}
     for name, (tokens, weights_key, mask_key) in family.streams.items():
         part, m = ctcal.ctcal_loss(
-            out["student_maps"][..., tokens], out["teacher_maps"][..., tokens],
-            batch[weights_key], batch[mask_key], trainable.get("ae"), out["t_stu"], family.ctcal,
+            out["student_maps"][..., tokens], out["teacher_maps"][..., tokens], batch[weights_key],
+            batch[mask_key], trainable.get("ae"), out["t_stu"], family.ctcal, t_tea=out["t_tea"],
         )
         loss = loss + part / len(family.streams)
         prefix = "" if len(family.streams) == 1 else f"{name}/"
@@ -103,7 +104,7 @@ def make_step_fn(family: Family, optimizer: optax.GradientTransformation, accum_
         total, _ = jax.lax.scan(body, grads_of(0), jnp.arange(1, accum_steps))
         grads, metrics = jax.tree.map(lambda x: x / accum_steps, total)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates), "opt_state": opt_state}
         return new_state, metrics
 

@@ -1,9 +1,9 @@
 """SD 1.x / 2.x for the CTCAL step: CLIP text encoder and UNet (both LoRA-adapted), DDPM noise.
 
-Batch keys: `latents` `[B, h, w, 4]` (VAE latents × scaling factor), `input_ids` `[B, 77]` int32,
-`noun_weights` `[B, N, 77]` and `token_mask` `[B, 77]` (`nouns.prepare_batch`), optional `reward`
-`[B]`. Frozen: `{"unet", "text_encoder"}`. Trainable: `{"unet": LoRA, "text_encoder": LoRA
-(optional), "ae": map autoencoder}`.
+Batch keys: `latents` `[B, h, w, 4]` (VAE latents × scaling factor), `input_ids`
+`{"text_encoder": [B, 77] int32}`, `noun_weights` `[B, N, 77]` and `token_mask` `[B, 77]`
+(`nouns.prepare_batch`), optional `reward` `[B]`. Frozen: `{"unet", "text_encoder"}`. Trainable:
+`{"unet": LoRA, "text_encoder": LoRA (optional), "ae": map autoencoder}`.
 
 t_stu ~ U{0..T−1}; t_tea = 0 (or U[0, t_stu) with `teacher="below"`); the teacher sees the same
 latent, the same noise and the same current weights, under `stop_gradient`.
@@ -16,19 +16,25 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from ctcal_jax import ctcal, lora, schedules
+from ctcal_jax import ctcal, lora, schedules, text
 from ctcal_jax.attention import AttnCapture
 from ctcal_jax.train_step import Family
 
 
-def adapted(frozen: Any, adapter: Any | None) -> Any:
-    """Frozen weights with a LoRA merged in, or as they are when there is none."""
-    return frozen if adapter is None else lora.merge(frozen, adapter)
+def adapted(frozen: Any, trainable: Any, component: str) -> Any:
+    """`frozen[component]` with its LoRA from `trainable` merged in, or as it is without one."""
+    adapter = trainable.get(component)
+    return frozen[component] if adapter is None else lora.merge(frozen[component], adapter)
+
+
+def text_params(encoders: text.PromptEncoders, frozen: Any, trainable: Any) -> dict[str, Any]:
+    """The (LoRA-adapted) params of every text encoder the step runs."""
+    return {c: adapted(frozen, trainable, c) for c in encoders.models}
 
 
 def make_family(
     unet: nn.Module,
-    text_encoder: nn.Module,
+    encoders: text.PromptEncoders,
     config: ctcal.CTCALConfig,
     *,
     schedule: schedules.Schedule,
@@ -41,25 +47,26 @@ def make_family(
 
     def forward(frozen, trainable, batch, rng):
         r_noise, r_t, r_tea = jax.random.split(rng, 3)
-        text_params = adapted(frozen["text_encoder"], trainable.get("text_encoder"))
-        context = text_encoder.apply({"params": text_params}, batch["input_ids"])["last_hidden_state"]
+        context = text.encode_prompts(encoders, text_params(encoders, frozen, trainable),
+                                      batch["input_ids"])["prompt_embeds"]
         x0 = batch["latents"]
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
         t_stu = schedules.uniform_timesteps(r_t, x0.shape[0], num_t)
         t_tea = ctcal.teacher_timesteps(r_tea, t_stu, config, "uniform")
-        unet_params = adapted(frozen["unet"], trainable.get("unet"))
+        params = adapted(frozen, trainable, "unet")
 
         def denoise(p, t, ctx):
             return unet.apply({"params": p}, schedules.add_noise(schedule, x0, noise, t), t, ctx, capture=capture)
 
-        _, teacher = denoise(jax.lax.stop_gradient(unet_params), t_tea, jax.lax.stop_gradient(context))
-        pred, student = denoise(unet_params, t_stu, context)
+        _, teacher = denoise(jax.lax.stop_gradient(params), t_tea, jax.lax.stop_gradient(context))
+        pred, student = denoise(params, t_stu, context)
         return {
             "pred": pred,
             "target": schedules.ddpm_target(schedule, x0, noise, t_stu, prediction_type),
             "student_maps": student["attn"],
             "teacher_maps": jax.lax.stop_gradient(teacher["attn"]),
             "t_stu": t_stu,
+            "t_tea": t_tea,
         }
 
     return Family(forward=forward, streams={"clip": (slice(None), "noun_weights", "token_mask")}, ctcal=config)

@@ -1,0 +1,75 @@
+"""SD3 / SD3.5 for the CTCAL step: CLIP-L and CLIP-G (LoRA), frozen T5, the MM-DiT (LoRA), flow
+matching with logit-normal timesteps (diffusers' SD3 training scripts).
+
+Batch keys: `latents` `[B, h, w, 16]` (`(z − shift) · scale`), `input_ids` `{"text_encoder": [B, 77],
+"text_encoder_2": [B, 77]}` int32, `t5_embeds` `[B, 256, C_t5]` (precomputed: T5 stays frozen;
+zeros for a pipeline without T5), the CTCAL token arrays of each stream (`noun_weights_clip`
+`[B, N, 77]`, `token_mask_clip` `[B, 77]` from the CLIP-L tokenizer; `noun_weights_t5` `[B, N, 256]`,
+`token_mask_t5` `[B, 256]` from the T5 tokenizer), optional `reward` `[B]`. Frozen:
+`{"transformer", "text_encoder", "text_encoder_2"}`. Trainable: `{"transformer": LoRA,
+"text_encoder": LoRA, "text_encoder_2": LoRA (each optional), "ae": map autoencoder}`.
+
+The joint maps `[B, h, w, 77 + 256]` keep the two streams apart (SPEC §2): the CTCAL loss runs on
+each stream with its own tokens and is averaged over the two.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import linen as nn
+
+from ctcal_jax import ctcal, schedules, text
+from ctcal_jax.attention import AttnCapture
+from ctcal_jax.families.unet import adapted, text_params
+from ctcal_jax.train_step import Family
+
+CLIP_TOKENS = 77
+
+
+def make_family(
+    transformer: nn.Module,
+    encoders: text.PromptEncoders,
+    config: ctcal.CTCALConfig,
+    *,
+    shift: float = 3.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    capture_blocks: tuple[int, ...] | None = None,
+) -> Family:
+    """The SD3 `Family`. `capture_blocks=None` captures every joint block (SPEC §2)."""
+    num_t = config.num_train_timesteps
+    schedule = schedules.flow_match_schedule(num_t, shift)
+    capture = AttnCapture(blocks=capture_blocks)
+
+    def forward(frozen, trainable, batch, rng):
+        r_noise, r_t, r_tea = jax.random.split(rng, 3)
+        emb = text.encode_prompts(encoders, text_params(encoders, frozen, trainable), batch["input_ids"],
+                                  t5_embeds=batch["t5_embeds"])
+        context, pooled = emb["prompt_embeds"], emb["pooled_prompt_embeds"]
+        x0 = batch["latents"]
+        noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+        t_stu, sigma_stu = schedules.sample_flow_timesteps(r_t, schedule, x0.shape[0], logit_mean, logit_std)
+        t_tea = ctcal.teacher_timesteps(r_tea, t_stu, config, "logit_normal", shift, logit_mean, logit_std)
+        params = adapted(frozen, trainable, "transformer")
+
+        def denoise(p, t, sigma, ctx, pool):
+            x_t = schedules.flow_noisy_input(x0, noise, sigma)
+            return transformer.apply({"params": p}, x_t, t, ctx, pool, capture=capture)
+
+        stop = jax.lax.stop_gradient
+        _, teacher = denoise(stop(params), t_tea, schedules.flow_sigmas(t_tea, num_t), stop(context), stop(pooled))
+        pred, student = denoise(params, t_stu, sigma_stu, context, pooled)
+        return {
+            "pred": pred,
+            "target": schedules.flow_target(x0, noise),
+            "student_maps": student["attn"],
+            "teacher_maps": stop(teacher["attn"]),
+            "t_stu": t_stu,
+            "t_tea": t_tea,
+        }
+
+    streams = {
+        "clip": (slice(0, CLIP_TOKENS), "noun_weights_clip", "token_mask_clip"),
+        "t5": (slice(CLIP_TOKENS, None), "noun_weights_t5", "token_mask_t5"),
+    }
+    return Family(forward=forward, streams=streams, ctcal=config)
