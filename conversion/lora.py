@@ -164,9 +164,10 @@ def export_component(
 
     `config.json` is copied from `component` of the `source` pipeline (or component) folder, the
     weights go to `diffusion_pytorch_model.safetensors` (diffusers classes) or `model.safetensors`
-    (transformers classes) under the source's PyTorch names, so `from_pretrained(out_dir)` loads
-    them. Each file is replaced atomically. Raises `ValueError` naming the keys when the params do
-    not cover the source's weights exactly. Returns `out_dir`.
+    (transformers classes) under the source's PyTorch names, with the buffers our models compute
+    instead of storing (`pos_embed.pos_embed`, `position_ids`) copied from the source, so
+    `from_pretrained(out_dir)` loads them. Each file is replaced atomically. Raises `ValueError`
+    naming the keys when the params do not cover the source's weights exactly. Returns `out_dir`.
     """
     folder = files.component_dir(source, component)
     config_file = folder / "config.json"
@@ -175,11 +176,13 @@ def export_component(
     rename = getattr(family, "rename", None)
     reference = files.read_state_dict(folder)
     # The name `flax_to_torch` gives each parameter -> the source's name for it (they differ only
-    # for keys a family renames when loading).
-    source_key = {}
+    # for keys a family renames when loading). Keys the family skips are the buffers above.
+    source_key, buffers = {}, {}
     for key in reference:
         path = rename(key) if rename is not None else names.split_key(key)
-        if path is not None:
+        if path is None:
+            buffers[key] = reference[key]
+        else:
             source_key[names.join_path(path[:-1]) + "." + path[-1]] = key
     state = {source_key.get(k, k): v for k, v in names.flax_to_torch(params).items()}
     missing = sorted(set(source_key.values()) - set(state))
@@ -189,6 +192,7 @@ def export_component(
     if missing or unexpected or mismatched:
         raise ValueError(f"params do not match the weights of {folder}: missing {missing}, "
                          f"unexpected {unexpected}, shape mismatches {mismatched}")
+    state.update(buffers)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = "diffusion_pytorch_model.safetensors" if "_class_name" in config else "model.safetensors"

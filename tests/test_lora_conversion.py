@@ -1,9 +1,9 @@
 """LoRA import/export against diffusers + peft as the client, on tiny pipelines built here.
 
-UNet: outputs of our `model.apply` with `lora.merge` against the diffusers UNet with the LoRA
-loaded. Text encoders and the SD3 transformer (their Flax models live elsewhere): weights, our
-`lora.merge` over the converted PyTorch state dict against the effective weights of the peft
-layers diffusers builds (`W + scaling · B @ A`).
+Every check is at the output level: our Flax model (`load_component` of the saved pipeline) with
+`lora.merge` against the PyTorch module holding the same LoRA (loaded by diffusers'
+`load_lora_weights`, added by peft, or reloaded from a merged export), for SD 1.x's UNet and CLIP
+text encoder and SD3's MM-DiT and two projected CLIP text encoders (CLIP-L, CLIP-G).
 """
 
 import copy
@@ -25,6 +25,7 @@ from tests.tiny import nchw, nhwc, randomize, real_clip_tokenizer, rel_err  # no
 
 TE_TARGETS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
 MMDIT_TARGETS = r"attn\d?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+PROMPTS = ["a giraffe next to a traffic light", "two red apples and a banana on a wooden table"]
 
 
 def tiny_clip(cls, seed: int):
@@ -35,48 +36,35 @@ def tiny_clip(cls, seed: int):
     return model
 
 
-def flax_side(module) -> dict:
-    """A torch module's weights as the Flax tree our models hold (names.py convention)."""
-    state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-    kinds = dict(module.named_modules())
-    abstract = {}
-    for key, value in state.items():
-        name, _, leaf = key.rpartition(".")
-        if leaf == "weight":
-            m = kinds[name]
-            leaf = ("kernel" if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
-                    else "embedding" if isinstance(m, torch.nn.Embedding) else "scale")
-        shape = value.shape
-        if leaf == "kernel":
-            shape = value.T.shape if value.ndim == 2 else value.transpose(2, 3, 1, 0).shape
-        abstract[names.split_key(name) + (leaf,)] = jax.ShapeDtypeStruct(shape, jnp.float32)
-    return names.torch_to_flax(state, names.unflatten(abstract), source=type(module).__name__)
+def text_encoder_io(folder, component: str, tokenizer) -> tuple:
+    """Our params of a CLIP `component` and the two sides run on `PROMPTS`: `ours(params)` and
+    `theirs(torch module)`, each -> {"last_hidden_state", "pooled"}."""
+    model, params = load_component(folder, component)
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+    apply = jax.jit(model.apply)
+
+    def ours(p):
+        out = apply({"params": p}, jnp.asarray(ids))
+        return {"last_hidden_state": np.asarray(out["last_hidden_state"]), "pooled": np.asarray(out["pooled"])}
+
+    def theirs(te):
+        with torch.no_grad():
+            out = te(torch.from_numpy(ids).long())
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return {"last_hidden_state": out.last_hidden_state.numpy(), "pooled": pooled.numpy()}
+
+    return params, ours, theirs
 
 
-def effective_state(module) -> dict:
-    """The state dict a module computes with: peft LoRA layers folded in as `W + scaling · B @ A`."""
-    from peft.tuners.lora import LoraLayer
-
-    out = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if ".lora_" not in k}
-    for name, m in module.named_modules():
-        if isinstance(m, LoraLayer):
-            delta = sum(m.get_delta_weight(a) for a in m.active_adapters)
-            out[f"{name}.weight"] = m.base_layer.weight + delta
-    return {k: v.detach().numpy() for k, v in out.items()}
-
-
-def assert_weights_match(module, flax_params, base_params):
-    """Every tensor equal to our merged weights; the adapted ones visibly moved by the LoRA."""
-    ours = names.flax_to_torch(flax_params)
-    ref = effective_state(module)
-    assert set(ours) == set(ref)
-    base = names.flax_to_torch(base_params)
-    moved = [k for k in ref if not np.array_equal(base[k], ours[k])]
-    assert moved, "the LoRA changed nothing"
-    for k in ref:
-        assert rel_err(ours[k], ref[k]) <= 1e-4, k
-    for k in moved:
-        assert rel_err(ref[k], base[k]) > 1e-3, k
+def assert_matches(case, component: str, module, lp: dict) -> None:
+    """Our `component` with `lora.merge(params, lp)` against the PyTorch `module`: every output within
+    1e-4 of it, and visibly moved (> 1e-3) from our output without the LoRA."""
+    params = case.params[component]
+    ours, base = case.ours[component](lora.merge(params, lp)), case.ours[component](params)
+    theirs = case.theirs[component](module)
+    for key in ours:
+        assert rel_err(ours[key], base[key]) > 1e-3, f"{component} {key}: the LoRA changed nothing"
+        assert rel_err(ours[key], theirs[key]) <= 1e-4, f"{component} {key}"
 
 
 def random_lora(lp: dict, seed: int, scale: float = 0.1) -> dict:
@@ -94,9 +82,48 @@ def mixed_lora(params, targets: str, alpha: float, seed: int) -> dict:
     return random_lora({**base, **{m: ab for m, ab in odd.items() if m in base}}, seed)
 
 
+def check_export_loads(case, lps: dict, out_dir) -> None:
+    """`export_lora` of `lps`, loaded by `pipe.load_lora_weights`, reproduces `lora.merge` on every
+    component; re-importing gives the same adapters back (CLIP's `text_model.` reconciled)."""
+    export_lora(out_dir, lps)
+    pipe = case.fresh()
+    pipe.load_lora_weights(out_dir)
+    for component, lp in lps.items():
+        assert_matches(case, component, getattr(pipe, component), lp)
+    jax.tree.map(np.testing.assert_array_equal, import_lora(out_dir, params=case.params), lps)
+
+
+def peft_lora(pipe, configs: dict, out_dir) -> None:
+    """Add a peft adapter `configs[component]` to each component of `pipe`, fill it with random
+    non-zero weights, and save the lot with the pipeline's `save_lora_weights` (alphas in metadata)."""
+    from peft.utils import get_peft_model_state_dict
+
+    gen = torch.Generator().manual_seed(0)
+    kwargs = {}
+    for component, config in configs.items():
+        model = getattr(pipe, component)
+        model.add_adapter(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        kwargs[f"{component}_lora_layers"] = get_peft_model_state_dict(model)
+        kwargs[f"{component}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    type(pipe).save_lora_weights(out_dir, **kwargs)
+
+
+def check_merged_export(case, component: str, cls, lp: dict, out_dir) -> None:
+    """`export_component` of the merged params reloads with `cls.from_pretrained`, every weight of the
+    source folder present, and reproduces them."""
+    export_component(out_dir, lora.merge(case.params[component], lp), case.folder, component)
+    model, info = cls.from_pretrained(out_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert_matches(case, component, model.eval(), lp)
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    """A tiny StableDiffusionPipeline saved with save_pretrained, our UNet and CLIP-side params."""
+    """A tiny StableDiffusionPipeline saved with save_pretrained; our UNet and CLIP loaded from it."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -122,67 +149,43 @@ def sd(tmp_path_factory):
     apply = jax.jit(model.apply)
 
     def ours(p):
-        return np.asarray(apply({"params": p}, x, t, ctx)[0])
+        return {"sample": np.asarray(apply({"params": p}, x, t, ctx)[0])}
 
     def torch_unet(u):
         with torch.no_grad():
-            return nhwc(u(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy())
+            out = u(torch.from_numpy(nchw(x)), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+        return {"sample": nhwc(out.numpy())}
 
     def fresh():
         return StableDiffusionPipeline(**{k: copy.deepcopy(v) for k, v in parts.items()})
 
-    return types.SimpleNamespace(folder=folder, params=params, te_params=flax_side(parts["text_encoder"]),
-                                 ours=ours, torch_unet=torch_unet, fresh=fresh)
+    te_params, ours_te, torch_te = text_encoder_io(folder, "text_encoder", parts["tokenizer"])
+    return types.SimpleNamespace(folder=folder, params={"unet": params, "text_encoder": te_params},
+                                 ours={"unet": ours, "text_encoder": ours_te},
+                                 theirs={"unet": torch_unet, "text_encoder": torch_te}, fresh=fresh)
 
 
 @pytest.mark.parametrize("alpha", [2.0, 8.0])
 def test_export_loads_in_diffusers(sd, tmp_path, alpha):
-    lp_unet = mixed_lora(sd.params, lora.DEFAULT_TARGETS, alpha, seed=1)
-    lp_te = mixed_lora(sd.te_params, TE_TARGETS, alpha / 2, seed=2)
-    export_lora(tmp_path, {"unet": lp_unet, "text_encoder": lp_te})
-    pipe = sd.fresh()
-    pipe.load_lora_weights(tmp_path)
-
-    ours = sd.ours(lora.merge(sd.params, lp_unet))
-    assert rel_err(ours, sd.ours(sd.params)) > 1e-3
-    assert rel_err(ours, sd.torch_unet(pipe.unet)) <= 1e-4
-    assert_weights_match(pipe.text_encoder, lora.merge(sd.te_params, lp_te), sd.te_params)
-
-    # Re-import gives back the same adapters (the text encoder's `text_model.` reconciled).
-    back = import_lora(tmp_path, params={"unet": sd.params, "text_encoder": sd.te_params})
-    jax.tree.map(np.testing.assert_array_equal, back, {"unet": lp_unet, "text_encoder": lp_te})
+    check_export_loads(sd, {"unet": mixed_lora(sd.params["unet"], lora.DEFAULT_TARGETS, alpha, seed=1),
+                            "text_encoder": mixed_lora(sd.params["text_encoder"], TE_TARGETS, alpha / 2, seed=2)},
+                       tmp_path)
 
 
 def test_import_lora_made_by_diffusers_and_peft(sd, tmp_path):
-    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     pipe = sd.fresh()
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                     rank_pattern={"attn2.to_k": 2}, alpha_pattern={"attn1.to_q": 3}))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=2, use_rslora=True,
-                                             target_modules=["q_proj", "v_proj", "out_proj"]))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
-            for name, p in model.named_parameters():
-                if ".lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
-    )
-    loras = import_lora(tmp_path, params={"unet": sd.params, "text_encoder": sd.te_params})
+    peft_lora(pipe, {
+        "unet": LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                           rank_pattern={"attn2.to_k": 2}, alpha_pattern={"attn1.to_q": 3}),
+        "text_encoder": LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=["q_proj", "v_proj", "out_proj"]),
+    }, tmp_path)
+    loras = import_lora(tmp_path, params=sd.params)
     assert set(loras) == {"unet", "text_encoder"}
     assert {float(ab["alpha"]) for ab in loras["unet"].values()} == {3.0, 8.0}
-
-    ours = sd.ours(lora.merge(sd.params, loras["unet"]))
-    assert rel_err(ours, sd.ours(sd.params)) > 1e-3
-    assert rel_err(ours, sd.torch_unet(pipe.unet)) <= 1e-4
-    assert_weights_match(pipe.text_encoder, lora.merge(sd.te_params, loras["text_encoder"]), sd.te_params)
+    for component, lp in loras.items():
+        assert_matches(sd, component, getattr(pipe, component), lp)
 
 
 def kohya_file(tmp_path, sd, alpha=None) -> tuple:
@@ -195,14 +198,14 @@ def kohya_file(tmp_path, sd, alpha=None) -> tuple:
             "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
             "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj",
             "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"]
-    te = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj", "encoder.layers.1.mlp.fc1"]
-    shapes = {m: shape for m, (_, shape) in lora.kernels(sd.params).items()}
-    te_shapes = {m: shape for m, (_, shape) in lora.kernels(sd.te_params).items()}
+    te = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.self_attn.out_proj",
+          "text_model.encoder.layers.1.mlp.fc1"]
     gen = torch.Generator().manual_seed(0)
     state = {}
-    for prefix, modules, table in (("lora_unet_", unet, shapes), ("lora_te_text_model_", te, te_shapes)):
+    for prefix, modules, component in (("lora_unet_", unet, "unet"), ("lora_te_", te, "text_encoder")):
+        shapes = {m: shape for m, (_, shape) in lora.kernels(sd.params[component]).items()}
         for i, module in enumerate(modules):
-            d_in, d_out = table[module]
+            d_in, d_out = shapes[module]
             name = prefix + module.replace(".", "_")
             state[f"{name}.lora_down.weight"] = torch.randn(4, d_in, generator=gen) * 0.1
             state[f"{name}.lora_up.weight"] = torch.randn(d_out, 4, generator=gen) * 0.1
@@ -219,19 +222,19 @@ def test_kohya_matches_diffusers_conversion(sd, tmp_path):
     file, _ = kohya_file(tmp_path, sd, alpha=2.0)
     pipe = sd.fresh()
     pipe.load_lora_weights(tmp_path, weight_name=file.name)
-    loras = import_lora(file, params={"unet": sd.params, "text_encoder": sd.te_params})
-    # Without params the kohya names are split by known module names: the same UNet paths.
-    assert set(import_lora(file)["unet"]) == set(loras["unet"])
-    assert_weights_match(pipe.unet, lora.merge(sd.params, loras["unet"]), sd.params)
-    assert_weights_match(pipe.text_encoder, lora.merge(sd.te_params, loras["text_encoder"]), sd.te_params)
+    loras = import_lora(file, params=sd.params)
+    # Without params the kohya names are split by known module names: the same paths.
+    assert jax.tree.map(np.shape, import_lora(file)) == jax.tree.map(np.shape, loras)
+    for component, lp in loras.items():
+        assert_matches(sd, component, getattr(pipe, component), lp)
 
 
 def test_kohya_alpha_and_merge_formula(sd, tmp_path):
     """Each kohya module keeps its own alpha (sd-scripts, ComfyUI): W + (alpha / r) · up @ down."""
     file, state = kohya_file(tmp_path, sd)
-    loras = import_lora(file, params={"unet": sd.params, "text_encoder": sd.te_params})
-    for component, params, prefix in (("unet", sd.params, "lora_unet_"),
-                                      ("text_encoder", sd.te_params, "lora_te_text_model_")):
+    loras = import_lora(file, params=sd.params)
+    for component, prefix in (("unet", "lora_unet_"), ("text_encoder", "lora_te_")):
+        params = sd.params[component]
         merged = names.flax_to_torch(lora.merge(params, loras[component]))
         base = names.flax_to_torch(params)
         for module in loras[component]:
@@ -241,28 +244,19 @@ def test_kohya_alpha_and_merge_formula(sd, tmp_path):
             assert rel_err(merged[f"{module}.weight"], want) <= 1e-6, module
 
 
-def test_merged_export_reloads_in_diffusers(sd, tmp_path, monkeypatch):
+def test_merged_export_reloads_in_diffusers(sd, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from conversion import load
-
-    merged = lora.merge(sd.params, mixed_lora(sd.params, lora.DEFAULT_TARGETS, 2.0, seed=3))
-    export_component(tmp_path / "unet", merged, sd.folder, "unet")
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
-    assert rel_err(sd.torch_unet(unet), sd.ours(merged)) <= 1e-4
-
-    # transformers' side of the writer (`model.safetensors`, its metadata); the Flax CLIP family
-    # is not on this branch, so the generic naming stands in for it.
-    monkeypatch.setattr(load, "family", lambda cls, config_file: types.SimpleNamespace())
-    merged_te = lora.merge(sd.te_params, mixed_lora(sd.te_params, TE_TARGETS, 2.0, seed=4))
-    export_component(tmp_path / "te", merged_te, sd.folder, "text_encoder")
-    te, info = transformers.CLIPTextModel.from_pretrained(tmp_path / "te", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    for k, v in names.flax_to_torch(merged_te).items():
-        np.testing.assert_array_equal(te.state_dict()[k].numpy(), v)
+    check_merged_export(sd, "unet", UNet2DConditionModel,
+                        mixed_lora(sd.params["unet"], lora.DEFAULT_TARGETS, 2.0, seed=3), tmp_path / "unet")
+    check_merged_export(sd, "text_encoder", transformers.CLIPTextModel,
+                        mixed_lora(sd.params["text_encoder"], TE_TARGETS, 2.0, seed=4), tmp_path / "te")
 
 
-def test_sd3_transformer_and_both_text_encoders(tmp_path):
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """A tiny StableDiffusion3Pipeline (no T5) saved with save_pretrained; our MM-DiT and both CLIP
+    text encoders loaded from it."""
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
 
@@ -273,29 +267,83 @@ def test_sd3_transformer_and_both_text_encoders(tmp_path):
         pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
     ).eval()
     randomize(transformer, 5)
-    te1 = tiny_clip(transformers.CLIPTextModelWithProjection, 6)
-    te2 = tiny_clip(transformers.CLIPTextModelWithProjection, 7)
-    params = {"transformer": flax_side(transformer), "text_encoder": flax_side(te1), "text_encoder_2": flax_side(te2)}
-    lps = {
-        "transformer": mixed_lora(params["transformer"], MMDIT_TARGETS, 8.0, seed=5),
-        "text_encoder": mixed_lora(params["text_encoder"], TE_TARGETS, 2.0, seed=6),
-        "text_encoder_2": mixed_lora(params["text_encoder_2"], TE_TARGETS, 6.0, seed=7),
-    }
-    adapted = lps["transformer"]
-    assert {"transformer_blocks.1.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
-            "transformer_blocks.0.attn2.to_q"} <= set(adapted)
-    export_lora(tmp_path, lps)
-    vae = AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=32)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te1,
-        tokenizer=real_clip_tokenizer(), text_encoder_2=te2, tokenizer_2=real_clip_tokenizer(pad_token="!"),
-        text_encoder_3=None, tokenizer_3=None,
+    parts = dict(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=AutoencoderKL(block_out_channels=(32,), latent_channels=4, norm_num_groups=32).eval(),
+        text_encoder=tiny_clip(transformers.CLIPTextModelWithProjection, 6), tokenizer=real_clip_tokenizer(),
+        text_encoder_2=tiny_clip(transformers.CLIPTextModelWithProjection, 7),
+        tokenizer_2=real_clip_tokenizer(pad_token="!"), text_encoder_3=None, tokenizer_3=None,
     )
-    pipe.load_lora_weights(tmp_path)
-    for component, module in (("transformer", transformer), ("text_encoder", te1), ("text_encoder_2", te2)):
-        assert_weights_match(module, lora.merge(params[component], lps[component]), params[component])
-    back = import_lora(tmp_path, params=params)
-    jax.tree.map(np.testing.assert_array_equal, back, lps)
+    folder = tmp_path_factory.mktemp("sd3") / "pipe"
+    StableDiffusion3Pipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    model, params = load_component(folder, "transformer")
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    t = np.array([20.0, 900.0], np.float32)
+    ctx = rng.normal(size=(2, 5, 32)).astype(np.float32)
+    pooled = rng.normal(size=(2, 64)).astype(np.float32)
+    apply = jax.jit(model.apply)
+
+    def ours(p):
+        return {"sample": np.asarray(apply({"params": p}, x, t, ctx, pooled)[0])}
+
+    def torch_transformer(m):
+        with torch.no_grad():
+            out = m(hidden_states=torch.from_numpy(nchw(x)), encoder_hidden_states=torch.from_numpy(ctx),
+                    pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t)).sample
+        return {"sample": nhwc(out.numpy())}
+
+    def fresh():
+        return StableDiffusion3Pipeline(**{k: copy.deepcopy(v) for k, v in parts.items()})
+
+    case = types.SimpleNamespace(folder=folder, params={"transformer": params}, ours={"transformer": ours},
+                                 theirs={"transformer": torch_transformer}, fresh=fresh)
+    for component, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        te_params, case.ours[component], case.theirs[component] = text_encoder_io(folder, component, parts[tokenizer])
+        case.params[component] = te_params
+    return case
+
+
+def test_sd3_export_loads_in_diffusers(sd3, tmp_path):
+    lps = {
+        "transformer": mixed_lora(sd3.params["transformer"], MMDIT_TARGETS, 8.0, seed=5),
+        "text_encoder": mixed_lora(sd3.params["text_encoder"], TE_TARGETS, 2.0, seed=6),
+        "text_encoder_2": mixed_lora(sd3.params["text_encoder_2"], TE_TARGETS, 6.0, seed=7),
+    }
+    # Joint attention of both blocks (the last one without `to_add_out`) and SD3.5's image-only attn2.
+    assert {"transformer_blocks.1.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
+            "transformer_blocks.0.attn2.to_q"} <= set(lps["transformer"])
+    check_export_loads(sd3, lps, tmp_path)
+
+
+def test_sd3_import_lora_made_by_diffusers_and_peft(sd3, tmp_path):
+    from peft import LoraConfig
+
+    pipe = sd3.fresh()
+    te_modules = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    peft_lora(pipe, {
+        "transformer": LoraConfig(r=4, lora_alpha=8, target_modules=[
+            "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"],
+            rank_pattern={"add_k_proj": 2}, alpha_pattern={"attn2.to_v": 3}),
+        "text_encoder": LoraConfig(r=4, lora_alpha=8, target_modules=te_modules),
+        "text_encoder_2": LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=te_modules),
+    }, tmp_path)
+    loras = import_lora(tmp_path, params=sd3.params)
+    assert set(loras) == {"transformer", "text_encoder", "text_encoder_2"}
+    assert {m: ab["A"].shape[1] for m, ab in loras["transformer"].items() if ab["A"].shape[1] != 4} == {
+        f"transformer_blocks.{i}.attn.add_k_proj": 2 for i in (0, 1)}
+    assert {float(ab["alpha"]) for ab in loras["transformer"].values()} == {3.0, 8.0}
+    for component, lp in loras.items():
+        assert_matches(sd3, component, getattr(pipe, component), lp)
+
+
+def test_sd3_merged_export_reloads_in_diffusers(sd3, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    check_merged_export(sd3, "transformer", SD3Transformer2DModel,
+                        mixed_lora(sd3.params["transformer"], MMDIT_TARGETS, 2.0, seed=8), tmp_path / "transformer")
+    check_merged_export(sd3, "text_encoder_2", transformers.CLIPTextModelWithProjection,
+                        mixed_lora(sd3.params["text_encoder_2"], TE_TARGETS, 2.0, seed=9), tmp_path / "te2")
 
 
 def test_unmatched_and_unsupported_keys_are_named(sd, tmp_path):
@@ -305,9 +353,9 @@ def test_unmatched_and_unsupported_keys_are_named(sd, tmp_path):
     bogus = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_z"
     save_file({f"{bogus}.{k}": v for k, v in ab.items()}, tmp_path / "a.safetensors")
     with pytest.raises(ValueError, match=r"attn1\.to_z\.lora_A\.weight.*match no Dense layer"):
-        import_lora(tmp_path / "a.safetensors", params={"unet": sd.params})
+        import_lora(tmp_path / "a.safetensors", params={"unet": sd.params["unet"]})
     with pytest.raises(ValueError, match=r"attn1\.to_z: no Dense kernel"):
-        lora.merge(sd.params, import_lora(tmp_path / "a.safetensors")["unet"])
+        lora.merge(sd.params["unet"], import_lora(tmp_path / "a.safetensors")["unet"])
 
     save_file({"vae.encoder.conv_in.lora_A.weight": torch.ones(2, 3),
                "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector": torch.ones(3)},
@@ -323,7 +371,7 @@ def test_unmatched_and_unsupported_keys_are_named(sd, tmp_path):
 
 
 def test_export_is_atomic(sd, tmp_path, monkeypatch):
-    lp = mixed_lora(sd.params, lora.DEFAULT_TARGETS, 2.0, seed=8)
+    lp = mixed_lora(sd.params["unet"], lora.DEFAULT_TARGETS, 2.0, seed=8)
     file = export_lora(tmp_path, {"unet": lp})
     good = file.read_bytes()
     real_open = open
