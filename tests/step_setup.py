@@ -18,6 +18,7 @@ from conversion import clip as clip_family
 from conversion import mmdit as mmdit_family
 from conversion import unet as unet_family
 from ctcal_jax import ctcal, lora, nouns, schedules, text
+from ctcal_jax.demo import random_params
 from ctcal_jax.families import mmdit as sd3_step
 from ctcal_jax.families import unet as sd2_step
 from ctcal_jax.optim import adamw_groups
@@ -58,26 +59,6 @@ def tagger(prompt: str):
         pos = start + len(word)
         out.append((word, LEXICON.get(word, "X"), start, pos))
     return out
-
-
-def random_params(shapes, seed):
-    """Random weights at a healthy scale (unit-variance activations), so attention maps have
-    structure: norm scales near 1, fan-in-scaled kernels, small biases."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-
-    def draw(path, s, key):
-        name = jax.tree_util.keystr(path)
-        noise = jax.random.normal(key, s.shape)
-        if name.endswith("['scale']"):
-            return 1.0 + 0.1 * noise
-        if name.endswith("['bias']"):
-            return 0.1 * noise
-        if name.endswith("['kernel']"):
-            return noise / np.sqrt(np.prod(s.shape[:-1]))
-        return noise
-
-    return jax.tree.unflatten(tree, [draw(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
 def _t5_tokenizer():

@@ -70,37 +70,10 @@ def record_cross_attention(unet) -> list:
 
 
 def real_clip_tokenizer(model_max_length: int = 77, pad_token: str = "<|endoftext|>"):
-    """The real CLIP BPE tokenizer (49408 tokens), built offline from OpenAI's vocabulary file.
+    """The real CLIP BPE tokenizer, offline (`ctcal_jax.tokenizers.clip_tokenizer`)."""
+    from ctcal_jax.tokenizers import clip_tokenizer
 
-    `pad_token="<|endoftext|>"` is SD 1.x's tokenizer; SD 2.x and SD3's CLIP-G pad with `"!"`.
-    """
-    import gzip
-
-    from transformers import CLIPTokenizer
-
-    data = Path(__file__).parent / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(data).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(
-        vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-        model_max_length=model_max_length, pad_token=pad_token,
-    )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return clip_tokenizer(model_max_length, pad_token)
 
 
 _T5_CORPUS = """A photo of a cat and a dog sitting on a red sofa.
