@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from conversion import clip as clip_family
@@ -84,17 +85,17 @@ def batch(family: str = "sd2", batch_size: int = 4, seed: int = 0) -> dict:
     }
 
 
-def _models(family: str):
-    """(denoiser name, denoiser, frozen params, PromptEncoders)."""
+def _models(family: str, dtype):
+    """(denoiser name, denoiser, frozen params, PromptEncoders); modules compute in `dtype`."""
     if family == "sd2":
         cfgs = {"text_encoder": _clip(32, False)}
-        denoiser, name = unet_family.build(UNET), "unet"
+        denoiser, name = unet_family.build(UNET, dtype), "unet"
         shapes = unet_family.abstract_params(denoiser, UNET)
     else:
         cfgs = {"text_encoder": _clip(16, True), "text_encoder_2": _clip(32, True)}
-        denoiser, name = mmdit_family.build(MMDIT), "transformer"
+        denoiser, name = mmdit_family.build(MMDIT, dtype), "transformer"
         shapes = mmdit_family.abstract_params(denoiser, MMDIT)
-    models = {c: clip_family.build(cfg) for c, cfg in cfgs.items()}
+    models = {c: clip_family.build(cfg, dtype) for c, cfg in cfgs.items()}
     frozen = {name: random_params(shapes, 0)}
     for i, (c, m) in enumerate(models.items()):
         frozen[c] = random_params(clip_family.abstract_params(m, cfgs[c]), 1 + i)
@@ -106,9 +107,10 @@ def _models(family: str):
 
 
 def setup(family: str = "sd2", data: int = 1, fsdp: int = 1, accum_steps: int = 1,
-          config: ctcal.CTCALConfig | None = None, devices=None) -> SimpleNamespace:
-    """`SimpleNamespace(step, state, frozen, family, optimizer)` on a (data, fsdp) mesh."""
-    name, denoiser, frozen, encoders = _models(family)
+          config: ctcal.CTCALConfig | None = None, devices=None, compute_dtype=jnp.float32) -> SimpleNamespace:
+    """`SimpleNamespace(step, state, frozen, family, optimizer)` on a (data, fsdp) mesh; frozen and
+    trainable weights are float32 whatever `compute_dtype` the models run in."""
+    name, denoiser, frozen, encoders = _models(family, compute_dtype)
     rng = jax.random.split(jax.random.key(2), 2 + len(encoders.models))
     trainable = {name: lora.init(rng[0], frozen[name], rank=4, alpha=4), "ae": ctcal.init_autoencoder(rng[1], 16)}
     for key, c in zip(rng[2:], encoders.models):

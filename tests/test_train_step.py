@@ -96,6 +96,18 @@ def test_tiny_model_fits_one_batch():
     assert after < 0.95 * before, (before, after)
 
 
+def test_bf16_compute_with_float32_weights_and_state():
+    b, rng = _device_batch(), jax.random.key(9)
+    ref = setup()
+    loss32, _ = jax.jit(lambda p: loss_fn(ref.family, p, ref.frozen, b, rng))(ref.state["params"])
+    s = setup(compute_dtype=jnp.bfloat16)
+    loss16, _ = jax.jit(lambda p: loss_fn(s.family, p, s.frozen, b, rng))(s.state["params"])
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=5e-2)
+    state, metrics = s.step(s.state, batch(), rng)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+
+
 _EIGHT_DEVICES = """
 import json, sys
 sys.path.insert(0, {tests!r})
