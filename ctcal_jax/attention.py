@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Literal
 
 import jax
@@ -74,11 +75,21 @@ def _kernel(q: jax.Array, bias: jax.Array | None) -> str:
 
 
 def _fused(q, k, v, scale, with_lse: bool = False, bias=None, is_causal: bool = False):
-    """`jax.nn.dot_product_attention` -> (out, lse `[B, L, N]` or None)."""
-    kw = dict(bias=bias, scale=scale, is_causal=is_causal, implementation=_kernel(q, bias))
-    if with_lse:
-        return jax.nn.dot_product_attention(q, k, v, return_residual=True, **kw)
-    return jax.nn.dot_product_attention(q, k, v, **kw), None
+    """`jax.nn.dot_product_attention` -> (out, lse `[B, L, N]` or None).
+
+    cuDNN refuses some shapes and older GPUs at trace time; such a call falls back to XLA with a
+    warning rather than failing the model.
+    """
+    kw = dict(bias=bias, scale=scale, is_causal=is_causal, return_residual=with_lse)
+    kernel = _kernel(q, bias)
+    try:
+        result = jax.nn.dot_product_attention(q, k, v, implementation=kernel, **kw)
+    except (NotImplementedError, ValueError, RuntimeError) as e:
+        if kernel == "xla":
+            raise
+        warnings.warn(f"cuDNN attention unavailable for q {q.shape} {q.dtype} ({e}); using XLA", stacklevel=2)
+        result = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
+    return result if with_lse else (result, None)
 
 
 def _maps_from_lse(q: jax.Array, k_txt: jax.Array, lse: jax.Array, scale: float) -> jax.Array:

@@ -3,6 +3,7 @@
 import json
 import pickle
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -110,16 +111,28 @@ def test_scalar_timestep_broadcasts(unet):
     np.testing.assert_array_equal(a, b)
 
 
-def test_bf16_compute_over_fp32_params(unet):
-    cfg, torch_model, _, _, folder = unet
+@pytest.mark.parametrize("cfg", [SD1, SD2], ids=["sd1", "sd2"])
+def test_bf16_compute_over_fp32_params(cfg, tmp_path):
+    """bf16 within 2e-2 of diffusers in fp32 (SPEC §1), and no worse than 1.5× diffusers' own bf16.
+
+    Weights near their initial scale: a random network's bf16 error grows with its activations,
+    and with the larger perturbation of the other tests even diffusers' bf16 sits at ~2 %.
+    """
+    torch_model = TorchUNet(**cfg).eval()
+    randomize(torch_model, seed=1, scale=0.01)
+    folder = save(torch_model, tmp_path / "unet")
     x, t, ctx = _inputs(cfg)
     ref = _torch_forward(torch_model, x, t, ctx)
+    with torch.no_grad():
+        torch_bf16 = nhwc(torch_model.to(torch.bfloat16)(torch.from_numpy(nchw(x)).bfloat16(), torch.from_numpy(t),
+                                                         torch.from_numpy(ctx).bfloat16()).sample.float().numpy())
     model, params = load_component(folder, "unet", compute_dtype=jnp.bfloat16)
-    assert all(p.dtype == jnp.float32 for p in __import__("jax").tree.leaves(params))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     pred, aux = model.apply({"params": params}, x, t, ctx, capture=AttnCapture())
-    assert pred.dtype == jnp.bfloat16
-    assert rel_err(np.asarray(pred, np.float32), ref) <= 2e-2
-    assert aux["attn"].dtype == jnp.float32
+    assert pred.dtype == jnp.bfloat16 and aux["attn"].dtype == jnp.float32
+    err = rel_err(np.asarray(pred, np.float32), ref)
+    assert err <= 2e-2
+    assert err <= 1.5 * rel_err(torch_bf16, ref)
 
 
 def test_pipeline_folder_and_sharded_weights(tmp_path):

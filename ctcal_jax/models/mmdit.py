@@ -29,6 +29,7 @@ from flax import linen as nn
 from ctcal_jax import attention as attn_lib
 from ctcal_jax.attention import TACA, AttnCapture
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
+from ctcal_jax.models.unet import Proj
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
@@ -129,17 +130,6 @@ class AdaLayerNormContinuous(nn.Module):
         return _modulate(_layer_norm(self.dtype, "norm")(x), shift, scale)
 
 
-class _Proj(nn.Module):
-    """A module holding one Dense called `proj` (diffusers `GELU.proj`)."""
-
-    features: int
-    dtype: Any
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(self.features, dtype=self.dtype, name="proj")(x)
-
-
 class FeedForward(nn.Module):
     """`net_0/proj` -> GELU (tanh approximation) -> `net_2`, hidden width 4·D."""
 
@@ -148,7 +138,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
-        h = nn.gelu(_Proj(4 * dim, self.dtype, name="net_0")(x), approximate=True)
+        h = nn.gelu(Proj(4 * dim, self.dtype, name="net_0")(x), approximate=True)
         return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
 
 

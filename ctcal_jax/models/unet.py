@@ -66,13 +66,13 @@ class GEGLUFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         inner = self.dim * self.mult
-        h = _Proj(2 * inner, self.dtype, name="net_0")(x)
+        h = Proj(2 * inner, self.dtype, name="net_0")(x)
         h, gate = jnp.split(h, 2, axis=-1)
         return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h * nn.gelu(gate, approximate=False))
 
 
-class _Proj(nn.Module):
-    """A module holding one Dense called `proj` (diffusers `GEGLU.proj`)."""
+class Proj(nn.Module):
+    """A module holding one Dense called `proj` (diffusers `GEGLU.proj`, `GELU.proj`)."""
 
     features: int
     dtype: Any
