@@ -224,7 +224,7 @@ def test_bf16_compute_over_fp32_params(models, name):
 def test_fused_matches_explicit(models, name, taca):
     _, _, module, params = models(name)
     inputs = make_inputs(CONFIGS[name])
-    fused, aux_f = _apply(module, params, inputs, capture=AttnCapture(), taca=taca)
+    fused, aux_f = _apply(module.clone(implementation="fused"), params, inputs, capture=AttnCapture(), taca=taca)
     explicit, aux_e = _apply(module.clone(implementation="explicit"), params, inputs,
                              capture=AttnCapture(), taca=taca)
     assert rel_err(fused, explicit) < 1e-5
@@ -289,7 +289,7 @@ def test_fused_capture_forms_no_joint_attention_matrix(models, monkeypatch, taca
         fn = partial(mod.apply, capture=AttnCapture(), taca=taca)
         return jax.make_jaxpr(fn)({"params": params}, *inputs).jaxpr
 
-    fused = trace(module)
+    fused = trace(module.clone(implementation="fused"))
     assert _square_intermediates(fused, sizes, opaque=True) == []
     # The check sees matrices where they are: inside the kernel, and on the explicit path.
     assert _square_intermediates(fused, sizes, opaque=False)

@@ -87,7 +87,7 @@ def test_fused_and_explicit_paths_agree(unet):
     cfg, _, model, params, _ = unet
     x, t, ctx = _inputs(cfg, batch=1)
     cap = AttnCapture(resolutions=(16, 32))  # two sizes: the 16×16 maps are resized to 32×32
-    fused, aux_f = model.apply({"params": params}, x, t, ctx, capture=cap)
+    fused, aux_f = model.clone(implementation="fused").apply({"params": params}, x, t, ctx, capture=cap)
     explicit, aux_e = model.clone(implementation="explicit").apply({"params": params}, x, t, ctx, capture=cap)
     assert aux_f["attn"].shape == (1, 32, 32, 7)
     assert rel_err(fused, explicit) <= 1e-5

@@ -58,7 +58,7 @@ class CLIPAttention(nn.Module):
     """Causal self-attention: `q_proj`, `k_proj`, `v_proj`, `out_proj` (all with bias)."""
 
     heads: int
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -93,7 +93,7 @@ class CLIPEncoderLayer(nn.Module):
     intermediate_size: int
     hidden_act: Activation
     eps: float
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -112,7 +112,7 @@ class CLIPEncoder(nn.Module):
     intermediate_size: int
     hidden_act: Activation
     eps: float
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -156,7 +156,7 @@ class CLIPTextTransformer(nn.Module):
     hidden_act: Activation
     eps: float
     eos_token_id: int
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -187,7 +187,7 @@ class CLIPTextModel(nn.Module):
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
     projection_dim: int | None = None
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact

@@ -157,7 +157,7 @@ class JointAttention(nn.Module):
     dim_head: int
     qk_norm: str | None = None
     context_pre_only: bool = False
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -200,7 +200,7 @@ class JointTransformerBlock(nn.Module):
     context_pre_only: bool = False
     use_dual_attention: bool = False
     qk_norm: str | None = None
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -255,7 +255,7 @@ class SD3Transformer2DModel(nn.Module):
     pos_embed_max_size: int | None = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact

@@ -191,7 +191,7 @@ class T5EncoderModel(nn.Module):
     layer_norm_epsilon: float = 1e-6
     dense_act_fn: Activation = "gelu_new"
     is_gated_act: bool = True
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact

@@ -38,7 +38,7 @@ class Attention(nn.Module):
     dim_head: int
     out_dim: int
     qkv_bias: bool = False
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -88,7 +88,7 @@ class BasicTransformerBlock(nn.Module):
     dim: int
     heads: int
     dim_head: int
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -115,7 +115,7 @@ class Transformer2DModel(nn.Module):
     num_layers: int = 1
     groups: int = 32
     use_linear_projection: bool = False
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -260,7 +260,7 @@ class UNet2DConditionModel(nn.Module):
     use_linear_projection: bool = False
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact

@@ -32,7 +32,7 @@ class VAEAttention(nn.Module):
     """
 
     groups: int
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -53,7 +53,7 @@ class MidBlock(nn.Module):
 
     groups: int
     add_attention: bool = True
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -109,7 +109,7 @@ class Encoder(nn.Module):
     latent_channels: int
     groups: int
     mid_block_add_attention: bool
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -131,7 +131,7 @@ class Decoder(nn.Module):
     out_channels: int
     groups: int
     mid_block_add_attention: bool
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -164,7 +164,7 @@ class AutoencoderKL(nn.Module):
     mid_block_add_attention: bool = True
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
-    implementation: attn_lib.Implementation = "fused"
+    implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
 
     def setup(self):
