@@ -63,12 +63,13 @@ def random_params(shapes, seed):
     return jax.tree.unflatten(tree, [draw(p, s, k) for (p, s), k in zip(leaves, keys)])
 
 
-def batch(batch_size: int = 4, seed: int = 0) -> dict[str, np.ndarray]:
+def batch(batch_size: int = 4, seed: int = 0, latent: int = 32) -> dict[str, np.ndarray]:
+    """Prompts cycled from `PROMPTS`, CLIP ids (SD 2.x tokenizer), noun arrays, latents `[B, latent, latent, 4]`."""
     tok = real_clip_tokenizer(pad_token="!")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
     ids = tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
     arrays = nouns.prepare_batch(prompts, tok, max_nouns=4, seq_len=77, tagger=tagger)
-    latents = np.random.RandomState(seed).randn(batch_size, 32, 32, 4).astype(np.float32)
+    latents = np.random.RandomState(seed).randn(batch_size, latent, latent, 4).astype(np.float32)
     return {"latents": latents, "input_ids": ids.astype(np.int32), **arrays}
 
 
