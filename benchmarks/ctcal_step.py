@@ -34,6 +34,8 @@ the balance term to pass its margin, so it is 0 there).
 
 Timing: the two steps take turns (round robin, so load changes on a shared machine hit both), JAX
 compilation and the first steps excluded, `block_until_ready` / `cuda.synchronize`, median of `runs`.
+`OMP_WAIT_POLICY` defaults to PASSIVE (PyTorch's OpenMP threads sleep instead of spinning at
+barriers): on a loaded CPU the spinning default made PyTorch's step time vary 0.4–15 s.
 MFU = FLOPs per step / median step time / the device's peak dense bf16 FLOP/s (GPU/TPU; null on
 CPU). FLOPs per step: XLA's HLO cost analysis of the same step lowered with explicit attention
 (`implementation="explicit"`, so attention counts as its two matmuls; the fused kernels are custom
