@@ -78,7 +78,7 @@ import torch.nn.functional as F  # noqa: E402
 import step_setup  # noqa: E402  (tests/step_setup.py)
 from benchmarks.common import (  # noqa: E402
     SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin_all,
-    torch_device, torch_sync,
+    to_torch_device, torch_device, torch_sync,
 )
 from ctcal_jax import ctcal, lora, schedules  # noqa: E402
 from ctcal_jax.families.unet import make_family  # noqa: E402
@@ -457,14 +457,14 @@ def build_models(preset: dict[str, Any]):
 def to_torch_side(unet, text, trainable: dict[str, Any], preset: dict[str, Any]):
     """Move the PyTorch models to the device (frozen weights in the preset's dtype), add the LoRA and
     build the autoencoder, all holding the JAX side's initial values. Returns (unet, text, ae, counts)."""
-    dev, tdtype = torch_device(), getattr(torch, preset["dtype"])
-    unet, text = unet.to(dev, tdtype).train(), text.to(dev, tdtype).train()
+    tdtype = getattr(torch, preset["dtype"])
+    unet, text = to_torch_device(unet, tdtype).train(), to_torch_device(text, tdtype).train()
     for m in (unet, text):
         m.requires_grad_(False)
     counts = {"unet": add_torch_lora(unet, trainable["unet"], ["to_q", "to_k", "to_v", "to_out.0"]),
               "text_encoder": add_torch_lora(text, trainable["text_encoder"],
                                              ["q_proj", "k_proj", "v_proj", "out_proj"])}
-    ae = torch_autoencoder(trainable["ae"], preset["resolution"]).to(dev)
+    ae = torch_autoencoder(trainable["ae"], preset["resolution"]).to(torch_device())
     return unet, text, ae, counts
 
 
