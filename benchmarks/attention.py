@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,16 +38,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.common import (  # noqa: E402
+    SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin,
+    to_torch_device, torch_device, torch_sync,
+)
 from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- presets
 
-SD21_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True,
-)
 SD3M_MMDIT = dict(
     sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
     joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
@@ -90,26 +85,6 @@ T_ACTIVE = 980.0  # every sample at or above the threshold: TACA's γ is in effe
 
 
 # ---------------------------------------------------------------------------------------- PyTorch side
-
-
-class _UNetMapsProcessor:
-    """Cross-attention with the softmax formed explicitly (Attend-and-Excite): head-mean maps kept."""
-
-    def __init__(self, store: list):
-        self.store = store
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        import torch
-
-        b, length, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        k = attn.head_to_batch_dim(attn.to_k(context))
-        v = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(q, k, None)  # [B·N, L, T]
-        self.store.append(probs.reshape(b, attn.heads, length, -1).mean(1))
-        out = attn.batch_to_head_dim(torch.bmm(probs, v))
-        return attn.to_out[1](attn.to_out[0](out))
 
 
 class _JointExplicitProcessor:
@@ -171,61 +146,11 @@ def _torch_runner(model, procs_by_mode: dict[str, dict], call: Callable[[], Any]
                 out = call()
                 if store:
                     torch.stack(store).mean(0)
-            _torch_sync()
+            torch_sync()
             return out
         return fn
 
     return {m: make(m) for m in procs_by_mode}
-
-
-def _to_torch_device(model, dtype):
-    model = model.to(_torch_device())
-    return model if dtype == next(model.parameters()).dtype else model.to(dtype)
-
-
-def _torch_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _torch_sync():
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _jax_params(torch_model, family: str, dtype) -> tuple[Any, Any]:
-    """The Flax module and params holding the PyTorch model's weights (in memory, no files)."""
-    import importlib
-
-    from conversion import names
-
-    fam = importlib.import_module(f"conversion.{family}")
-    config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(torch_model.config).items()}
-    module = fam.build(config, dtype=dtype)
-    state = {k: v.detach().float().cpu().numpy() for k, v in torch_model.state_dict().items()}
-    params = names.torch_to_flax(state, fam.abstract_params(module, config), source=f"benchmark {family}",
-                                 rename=getattr(fam, "rename", None))
-    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
-
-
-def _time_round_robin(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn; warm-up calls (jit compilation) are not timed."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _overheads(medians: dict[str, float]) -> dict[str, float]:
@@ -246,9 +171,9 @@ def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, 
     torch.manual_seed(0)
     ref = UNet2DConditionModel(**spec["config"]).eval()
     dtype = jnp.dtype(dtype_name)
-    module, params = _jax_params(ref, "unet", dtype)
+    module, params = jax_params(ref, "unet", dtype)
     tdtype = getattr(torch, dtype_name)
-    ref = _to_torch_device(ref, tdtype)
+    ref = to_torch_device(ref, tdtype)
 
     rng = np.random.default_rng(0)
     lat, ctx_dim = spec["latent"], spec["config"]["cross_attention_dim"]
@@ -260,25 +185,22 @@ def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, 
     xj, ctxj, tj = jnp.asarray(x, dtype), jnp.asarray(ctx, dtype), jnp.asarray(t)
     plain = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
     capture = jax.jit(lambda p, *a: module.apply({"params": p}, *a, capture=AttnCapture((spec["resolution"],))))
-    jax_times = _time_round_robin({
+    jax_times = time_round_robin({
         "plain": lambda: jax.block_until_ready(plain(params, xj, tj, ctxj)),
         "capture": lambda: jax.block_until_ready(capture(params, xj, tj, ctxj)),
     }, runs)
 
     # PyTorch: SDPA everywhere vs explicit softmax on the captured cross-attention layers.
-    dev = _torch_device()
+    dev = torch_device()
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev, tdtype)
     ctxt, tt = torch.from_numpy(ctx).to(dev, tdtype), torch.from_numpy(t).to(dev)
     default = dict(ref.attn_processors)
-    level = int(np.log2(lat // spec["resolution"]))  # down level whose maps have the capture size
-    n_up = len(spec["config"]["block_out_channels"]) - 1 - level
-    captured = [n for n in default if n.endswith("attn2.processor")
-                and (n.startswith(f"down_blocks.{level}.") or n.startswith(f"up_blocks.{n_up}."))]
+    captured = captured_unet_layers(default, spec["config"], lat, spec["resolution"])
     store: list = []
-    explicit = {n: (_UNetMapsProcessor(store) if n in captured else p) for n, p in default.items()}
+    explicit = {n: (UNetMapsProcessor(store) if n in captured else p) for n, p in default.items()}
 
     fns = _torch_runner(ref, {"plain": default, "capture": explicit}, lambda: ref(xt, tt, ctxt).sample, store)
-    torch_times = _time_round_robin(fns, runs)
+    torch_times = time_round_robin(fns, runs)
     return {"config": spec, "captured_torch_layers": len(captured),
             "jax": _entry(jax_times), "torch": _entry(torch_times)}
 
@@ -293,9 +215,9 @@ def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str,
     torch.manual_seed(0)
     ref = SD3Transformer2DModel(**spec["config"]).eval()
     dtype = jnp.dtype(dtype_name)
-    module, params = _jax_params(ref, "mmdit", dtype)
+    module, params = jax_params(ref, "mmdit", dtype)
     tdtype = getattr(torch, dtype_name)
-    ref = _to_torch_device(ref, tdtype)
+    ref = to_torch_device(ref, tdtype)
 
     cfg = spec["config"]
     rng = np.random.default_rng(0)
@@ -309,13 +231,13 @@ def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str,
     plain = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
     capture = jax.jit(lambda p, *a: module.apply({"params": p}, *a, capture=AttnCapture()))
     taca = jax.jit(lambda p, *a: module.apply({"params": p}, *a, taca=TACA_ON))
-    jax_times = _time_round_robin({
+    jax_times = time_round_robin({
         "plain": lambda: jax.block_until_ready(plain(params, *args)),
         "capture": lambda: jax.block_until_ready(capture(params, *args)),
         "taca": lambda: jax.block_until_ready(taca(params, *args)),
     }, runs)
 
-    dev = _torch_device()
+    dev = torch_device()
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(dev, tdtype)
     ctxt, pt = torch.from_numpy(ctx).to(dev, tdtype), torch.from_numpy(pooled).to(dev, tdtype)
     tt = torch.from_numpy(t).to(dev)
@@ -330,34 +252,11 @@ def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str,
         "capture": joint(_JointExplicitProcessor(store=store)),
         "taca": joint(_JointExplicitProcessor(gamma=TACA_ON.gamma)),
     }, lambda: ref(xt, ctxt, pt, tt).sample, store)
-    torch_times = _time_round_robin(fns, runs)
+    torch_times = time_round_robin(fns, runs)
     return {"config": spec, "jax": _entry(jax_times), "torch": _entry(torch_times)}
 
 
 # ------------------------------------------------------------------------------------------------ main
-
-
-def describe_device() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    d = jax.devices()[0]
-    return {
-        "jax": f"{d.platform}: {getattr(d, 'device_kind', d)} ×{jax.device_count()}",
-        "torch": (torch.cuda.get_device_name() if torch.cuda.is_available()
-                  else f"cpu ({torch.get_num_threads()} threads)"),
-        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
-        "versions": f"jax {jax.__version__}, torch {torch.__version__}",
-        # Other work on the machine skews absolute times (and, less, the ratios): say how busy it was.
-        "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
 
 
 def _row(model: str, side: str, e: dict[str, Any]) -> str:

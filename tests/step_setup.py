@@ -66,18 +66,20 @@ def _t5_tokenizer():
     return tiny_t5_tokenizer(Path(tempfile.mkdtemp(prefix="t5tok_")))
 
 
-def batch(family: str = "sd2", batch_size: int = 4, seed: int = 0) -> dict:
+def batch(family: str = "sd2", batch_size: int = 4, seed: int = 0, latent: int = 32) -> dict:
+    """Prompts cycled from `PROMPTS`: token ids, noun arrays per text stream, latents
+    `[B, latent, latent, C]` (and a random precomputed T5 stream for SD3)."""
     clip = real_clip_tokenizer(pad_token="!")
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
     ids = text.tokenize(clip, prompts, 77)["input_ids"]
     rng = np.random.RandomState(seed)
     clip_arrays = nouns.prepare_batch(prompts, clip, max_nouns=4, seq_len=77, tagger=tagger)
     if family == "sd2":
-        return {"latents": rng.randn(batch_size, 32, 32, 4).astype(np.float32),
+        return {"latents": rng.randn(batch_size, latent, latent, 4).astype(np.float32),
                 "input_ids": {"text_encoder": ids}, **clip_arrays}
     t5 = nouns.prepare_batch(prompts, _t5_tokenizer(), max_nouns=4, seq_len=256, tagger=tagger)
     return {
-        "latents": rng.randn(batch_size, 32, 32, 16).astype(np.float32),
+        "latents": rng.randn(batch_size, latent, latent, 16).astype(np.float32),
         "input_ids": {"text_encoder": ids, "text_encoder_2": ids},
         "t5_embeds": rng.randn(batch_size, 256, MMDIT["joint_attention_dim"]).astype(np.float32),
         "noun_weights_clip": clip_arrays["noun_weights"], "token_mask_clip": clip_arrays["token_mask"],

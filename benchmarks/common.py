@@ -1,0 +1,149 @@
+"""Helpers shared by the benchmark scripts: model configs, PyTorch device handling, weight transfer
+from a PyTorch model to ctcal_jax, the explicit-softmax map processor, timing and the device report.
+
+Nothing here measures by itself; `attention.py` and `ctcal_step.py` do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The SD 2.1 UNet (diffusers `stabilityai/stable-diffusion-2-1[-base]/unet/config.json`, at 512 px).
+SD21_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True,
+)
+
+
+# ---------------------------------------------------------------------------------------- PyTorch side
+
+
+class UNetMapsProcessor:
+    """Cross-attention with the softmax formed explicitly (Attend-and-Excite): head-mean maps
+    `[B, L, T]` appended to `store` (with their autograd graph when gradients are on)."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch
+
+        b, length, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(context))
+        v = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(q, k, None)  # [B·N, L, T]
+        self.store.append(probs.reshape(b, attn.heads, length, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def captured_unet_layers(processor_names, config: dict[str, Any], latent: int, resolution: int) -> list[str]:
+    """The `attn2` processors of a diffusers UNet whose maps are `resolution`² for a `latent`² input:
+    the cross-attention layers ctcal_jax's `AttnCapture(resolutions=(resolution,))` captures."""
+    level = int(np.log2(latent // resolution))  # down level whose maps have the capture size
+    n_up = len(config["block_out_channels"]) - 1 - level
+    return [n for n in processor_names if n.endswith("attn2.processor")
+            and (n.startswith(f"down_blocks.{level}.") or n.startswith(f"up_blocks.{n_up}."))]
+
+
+def to_torch_device(model, dtype):
+    model = model.to(torch_device())
+    return model if dtype == next(model.parameters()).dtype else model.to(dtype)
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def model_config(torch_model) -> dict[str, Any]:
+    """A diffusers or transformers model's config as a plain dict (tuples as lists, as in config.json)."""
+    config = torch_model.config
+    if hasattr(config, "to_dict"):  # transformers: the class name goes in `architectures`
+        config = config.to_dict()
+        config["architectures"] = config.get("architectures") or [type(torch_model).__name__]
+    else:  # diffusers: a FrozenDict; the family module is chosen by the caller
+        config = dict(config)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+
+
+def jax_params(torch_model, family: str, dtype) -> tuple[Any, Any]:
+    """The Flax module and params holding the PyTorch model's weights (in memory, no files): the
+    conversion `load_component` applies to a saved folder (`conversion.<family>`)."""
+    from conversion import names
+
+    fam = importlib.import_module(f"conversion.{family}")
+    config = model_config(torch_model)
+    module = fam.build(config, dtype=dtype)
+    state = {k: v.detach().float().cpu().numpy() for k, v in torch_model.state_dict().items()}
+    params = names.torch_to_flax(state, fam.abstract_params(module, config), source=f"benchmark {family}",
+                                 rename=getattr(fam, "rename", None))
+    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+
+def time_round_robin(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn; warm-up calls (jit compilation) are not timed. The fns
+    take turns, so a change of load on a shared machine hits all of them alike."""
+    return {k: statistics.median(v) for k, v in time_round_robin_all(fns, runs, warmup).items()}
+
+
+def time_round_robin_all(fns: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Every timed call's seconds, per fn (see `time_round_robin`)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def describe_device() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    d = jax.devices()[0]
+    return {
+        "jax": f"{d.platform}: {getattr(d, 'device_kind', d)} ×{jax.device_count()}",
+        "torch": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                  else f"cpu ({torch.get_num_threads()} threads)"),
+        "cpu": f"{cpu}, {os.cpu_count()} logical cores",
+        "versions": f"jax {jax.__version__}, torch {torch.__version__}",
+        # Other work on the machine skews absolute times (and, less, the ratios): say how busy it was.
+        "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }

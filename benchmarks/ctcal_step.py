@@ -1,0 +1,626 @@
+"""Samples/s of the full CTCAL train step: ctcal_jax's jitted step vs the same work in
+PyTorch/diffusers/peft, on the same machine in one run.
+
+    python benchmarks/ctcal_step.py --preset cpu-small --json out/ctcal_step.json
+    python benchmarks/ctcal_step.py --preset sd21-512  --json out/ctcal_step.json   # GPU host
+    python benchmarks/ctcal_step.py --preset sd3m-1024 --json out/ctcal_step.json   # not yet (SD3 family)
+
+One step (SD 2.1 family, SPEC §3), identical on both sides:
+- CLIP text encoder with LoRA on its self-attention q/k/v/out (rank 4, alpha 4), one forward shared by
+  teacher and student (the teacher sees it without gradient);
+- UNet with LoRA on every attention q/k/v/out.0 (`attn1`, `attn2`); teacher forward at t_tea = 0
+  without gradient, student forward at t_stu ~ U{0..999} with backward; both return the head- and
+  layer-mean cross-attention maps of the 16×16 `attn2` layers;
+- CTCAL loss: sub-token mean over the noun weights, Gaussian smoothing (k 3, σ 0.5, reflect),
+  min-max; the map autoencoder (`ctcal.MapAutoencoder`); the four λ terms, the balance term on the
+  softmax×100 re-weighted maps; λ_t = t_stu / 1000; plus the v-prediction diffusion loss;
+- AdamW (β 0.9/0.999, ε 1e-8): lr 5e-5 UNet LoRA and autoencoder, 5e-6 text LoRA, weight decay 0.01.
+
+ctcal_jax: `train_step.make_train_step` with `families.unet.make_family` on one device (fused
+attention, maps rebuilt from its log-sum-exp). PyTorch: diffusers `UNet2DConditionModel` and
+transformers `CLIPTextModel` with peft LoRA (`add_adapter`), default SDPA attention except the
+captured 16×16 `attn2` layers, which get an Attend-and-Excite processor forming the softmax
+explicitly; the CTCAL losses written in torch (batched, no Python loop over nouns); `torch.optim.AdamW`.
+CPU presets run fp32 on both sides; GPU presets run bf16 (JAX: bf16 frozen weights and compute,
+fp32 LoRA/optimizer state; torch: bf16 frozen weights, fp32 LoRA, `torch.autocast(bfloat16)`, as the
+diffusers LoRA training scripts do). PyTorch runs on CUDA when available, else on the CPU.
+
+Both sides start from the same random weights (the PyTorch models' weights converted with the
+`load_component` conversion; LoRA A/B and the autoencoder copied from JAX to torch, B non-zero so
+the adapters matter). Sanity checks, printed, not asserted: the first step's loss terms and gradient
+norm of both sides, with the JAX step's noise and timesteps fed to PyTorch; and the two CTCAL loss
+implementations on the same peaked random maps (at step 0 the random models' maps are too flat for
+the balance term to pass its margin, so it is 0 there).
+
+Timing: the two steps take turns (round robin, so load changes on a shared machine hit both), JAX
+compilation and the first steps excluded, `block_until_ready` / `cuda.synchronize`, median of `runs`.
+`OMP_WAIT_POLICY` defaults to PASSIVE (PyTorch's OpenMP threads sleep instead of spinning at
+barriers): on a loaded CPU the spinning default made PyTorch's step time vary 0.4–15 s.
+MFU = FLOPs per step / median step time / the device's peak dense bf16 FLOP/s (GPU/TPU; null on
+CPU). FLOPs per step: XLA's HLO cost analysis of the same step lowered with explicit attention
+(`implementation="explicit"`, so attention counts as its two matmuls; the fused kernels are custom
+calls XLA cannot count), i.e. model FLOPs without recomputation, the same count for both sides.
+
+Output: a table (speed-up JAX / PyTorch is the headline), the step-0 comparison, and `--json` with
+`jax_samples_per_s`, `torch_samples_per_s`, `speedup`, `device`, `mfu` (JAX; `torch_mfu` beside it),
+`flops_per_step`, per-run times and the step-0 terms. The script measures; it does not assert.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the train-step test set-up: prompts, tagger, CLIP tokenizer
+# PyTorch shares the GPU with JAX here: JAX must not grab 75 % of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# On a CPU shared with other jobs, OpenMP threads spinning at barriers (GNU OpenMP's default) make
+# PyTorch's step time jump 3–30× from one step to the next; sleeping waiters keep it stable. Set
+# OMP_WAIT_POLICY=ACTIVE to measure the default on a machine of your own.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import step_setup  # noqa: E402  (tests/step_setup.py)
+from benchmarks.common import (  # noqa: E402
+    SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin_all,
+    to_torch_device, torch_device, torch_sync,
+)
+from ctcal_jax import ctcal, lora, schedules, text  # noqa: E402
+from ctcal_jax.families.unet import make_family  # noqa: E402
+from ctcal_jax.optim import adamw_groups  # noqa: E402
+from ctcal_jax.sharding import make_mesh, param_shardings  # noqa: E402
+from ctcal_jax.train_step import init_state, make_step_fn, make_train_step, place  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------- presets
+
+# The SD 2.1 text encoder: OpenCLIP ViT-H/14's text tower as transformers `CLIPTextModel`
+# (`stabilityai/stable-diffusion-2-1/text_encoder/config.json`: 23 of its 24 layers).
+OPENCLIP_H = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SD 2.1's layout at 1/10 width, one layer per block: 4 levels, 64×64 latents, so the captured
+    # maps are the third level's 16×16 as at 512 px; 77 tokens, a 4-layer CLIP, the real tokenizer.
+    # Attention on levels 2 and 3 (32×32, 16×16), not on the 64×64 one: at this width a 4096-token
+    # self-attention would be ~70 % of the FLOPs (L / 9C = 14 against SD 2.1's 1.4), whereas levels 2-3
+    # here have the attention/convolution ratios of SD 2.1's levels 1-2. A few minutes on 2 cores.
+    "cpu-small": dict(
+        dtype="float32", batch=4, runs=11, latent=64, resolution=16,
+        unet=dict(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64, 128, 128), attention_head_dim=(1, 2, 4, 4), cross_attention_dim=128,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+            use_linear_projection=True,
+        ),
+        clip=dict(
+            vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=128,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        ),
+    ),
+    # The real SD 2.1 UNet and OpenCLIP-H text encoder (random weights), 512 px, batch 8 per GPU.
+    "sd21-512": dict(dtype="bfloat16", batch=8, runs=20, latent=64, resolution=16, unet=SD21_UNET, clip=OPENCLIP_H),
+    # SD3-medium at 1024 px needs the MM-DiT family of the step (ctcal_jax/families/mmdit.py) and an
+    # SD3 PyTorch reference; neither is in this script yet.
+    "sd3m-1024": dict(not_yet="the SD3 (MM-DiT) family of the CTCAL step and its PyTorch reference are not "
+                              "in this benchmark yet; use --preset cpu-small or sd21-512"),
+}
+
+LORA_RANK, LORA_ALPHA = 4, 4.0
+LORA_B_SCALE = 0.1  # B ~ N(0, 0.1²) instead of 0, so the step-0 check exercises the adapters
+TEXT_LORA_TARGETS = r"self_attn\.(q|k|v|out)_proj$"
+# component -> (learning rate, weight decay): SPEC §3, SD 2.1.
+OPTIMIZER = {"unet": (5e-5, 0.01), "ae": (5e-5, 0.01), "text_encoder": (5e-6, 0.01)}
+ADAM = dict(b1=0.9, b2=0.999, eps=1e-8)
+PREDICTION_TYPE = "v_prediction"
+
+# Peak dense bf16 FLOP/s per device (no sparsity), by `device_kind` substring; first match wins.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+]
+
+
+# ------------------------------------------------------------------------------------------- the batch
+
+
+def make_batch(batch_size: int, latent: int) -> dict[str, np.ndarray]:
+    """Prompts with nouns (and one without), real CLIP tokens (SD 2.x pads with "!"), noun weights
+    from a dictionary tagger, Gaussian latents `[B, latent, latent, 4]`: `tests/step_setup.batch`."""
+    return step_setup.batch("sd2", batch_size, latent=latent)
+
+
+# --------------------------------------------------------------------------------------- ctcal_jax side
+
+
+def jax_trainable(frozen: dict[str, Any], resolution: int, seed: int = 0) -> dict[str, Any]:
+    """LoRA on the UNet attention and the CLIP self-attention, B drawn small but non-zero, and the
+    map autoencoder: the trainable tree of the step (float32)."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    trainable = {
+        "unet": lora.init(keys[0], frozen["unet"], rank=LORA_RANK, alpha=LORA_ALPHA),
+        "text_encoder": lora.init(keys[1], frozen["text_encoder"], targets=TEXT_LORA_TARGETS,
+                                  rank=LORA_RANK, alpha=LORA_ALPHA),
+        "ae": ctcal.init_autoencoder(keys[2], resolution),
+    }
+    leaves, tree = jax.tree_util.tree_flatten_with_path(trainable)
+    draws = jax.random.split(keys[3], len(leaves))
+    return jax.tree.unflatten(tree, [
+        LORA_B_SCALE * jax.random.normal(k, x.shape) if jax.tree_util.keystr(p).endswith("['B']") else x
+        for (p, x), k in zip(leaves, draws)])
+
+
+def jax_optimizer(trainable: dict[str, Any]):
+    groups = [(r"/alpha$", 0.0, 0.0)] + [(f"^{name}/", lr, wd) for name, (lr, wd) in OPTIMIZER.items()]
+    return adamw_groups(trainable, groups, **ADAM)
+
+
+def _encoders(text_module) -> text.PromptEncoders:
+    """The SD 2.x text side of the step: one CLIP on 77 tokens (tokenized ahead, in the batch)."""
+    return text.PromptEncoders("sd", {}, {"text_encoder": text_module}, {"text_encoder": 77})
+
+
+def build_jax_step(unet_module, text_module, frozen, trainable, resolution: int):
+    """`(train_step, state, optimizer)` on a one-device mesh (the torch side uses one device)."""
+    config = ctcal.default_config("sd2")
+    family = make_family(unet_module, _encoders(text_module), config, schedule=schedules.ddpm_schedule(),
+                         prediction_type=PREDICTION_TYPE, resolution=resolution)
+    optimizer = jax_optimizer(trainable)
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    frozen_sh = param_shardings(frozen, [(r".*", ())], mesh)
+    state = init_state(trainable, optimizer)
+    state_sh = param_shardings(state, [(r".*", ())], mesh)
+    step = make_train_step(family, optimizer, place(frozen, frozen_sh), mesh=mesh, frozen_shardings=frozen_sh,
+                           state_shardings=state_sh)
+    return step, place(state, state_sh), optimizer
+
+
+def jax_step0_draws(rng: jax.Array, batch_size: int, latent_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The noise and t_stu the JAX step draws at step 0: `make_step_fn` folds the step (0) and the
+    micro-batch index (0) into `rng`; `families.unet` splits that key into (noise, t_stu, t_tea)."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, 0), 0)
+    r_noise, r_t, _ = jax.random.split(key, 3)
+    noise = jax.random.normal(r_noise, (batch_size, *latent_shape), jnp.float32)
+    return np.asarray(noise), np.asarray(schedules.uniform_timesteps(r_t, batch_size))
+
+
+def step_flops(unet_module, text_module, resolution: int, optimizer, frozen, state, batch, rng) -> float | None:
+    """Model FLOPs of one step: XLA's cost analysis of the step lowered with explicit attention
+    (every attention matmul visible; no compilation, abstract shapes only). None, with a warning,
+    where the backend offers no cost analysis."""
+    family = make_family(unet_module.clone(implementation="explicit"), _encoders(text_module.clone(implementation="explicit")),
+                         ctcal.default_config("sd2"), schedule=schedules.ddpm_schedule(),
+                         prediction_type=PREDICTION_TYPE, resolution=resolution)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (frozen, state, batch, rng))
+    try:
+        return float(jax.jit(make_step_fn(family, optimizer)).lower(*shapes).cost_analysis()["flops"])
+    except Exception as e:  # noqa: BLE001 — a missing FLOP count must not cost the timing
+        print(f"warning: no XLA cost analysis on this backend ({type(e).__name__}: {e}); MFU not computed")
+        return None
+
+
+# ----------------------------------------------------------------------------------------- PyTorch side
+
+
+class TorchMapAutoencoder(torch.nn.Module):
+    """`ctcal.MapAutoencoder` in torch (NCHW): stride-2 3×3 convs with GELU between them down to a
+    `[16, 4, 4]` code; mirror decoder of nearest ×2 up-sampling + 3×3 conv, GELU between, sigmoid."""
+
+    def __init__(self, map_size: int, width: int = 32, code_channels: int = 16, code_size: int = 4):
+        super().__init__()
+        hidden = [width] * (int(math.log2(map_size // code_size)) - 1)
+        enc = list(zip([1] + hidden, hidden + [code_channels]))
+        dec = list(zip([code_channels] + hidden, hidden + [1]))
+        self.encoder = torch.nn.ModuleList(torch.nn.Conv2d(i, o, 3, stride=2, padding=1) for i, o in enc)
+        self.decoder = torch.nn.ModuleList(torch.nn.Conv2d(i, o, 3, padding=1) for i, o in dec)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.encoder):
+            x = conv(x if i == 0 else F.gelu(x))
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.decoder):
+            z = conv(F.interpolate(z if i == 0 else F.gelu(z), scale_factor=2, mode="nearest"))
+        return torch.sigmoid(z)
+
+
+def torch_autoencoder(params: dict[str, Any], map_size: int) -> TorchMapAutoencoder:
+    """The torch autoencoder holding the Flax `MapAutoencoder` params (kernels HWIO -> OIHW)."""
+    ae = TorchMapAutoencoder(map_size)
+    with torch.no_grad():
+        for part in ("encoder", "decoder"):
+            for i, conv in enumerate(getattr(ae, part)):
+                p = params[f"{part}_{i}"]
+                conv.weight.copy_(torch.from_numpy(np.asarray(p["kernel"]).transpose(3, 2, 0, 1).copy()))
+                conv.bias.copy_(torch.from_numpy(np.asarray(p["bias"]).copy()))
+    return ae
+
+
+def add_torch_lora(model, lp: dict[str, Any], target_modules: list[str]) -> int:
+    """peft LoRA on `target_modules` (rank, alpha as ours) holding our A/B (`lora_A = Aᵀ`, `lora_B = Bᵀ`).
+    Returns the number of adapted modules; raises if it differs from ours."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=target_modules))
+    modules = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    if len(modules) != len(lp):
+        raise ValueError(f"peft adapted {len(modules)} modules, ctcal_jax {len(lp)}: the LoRA targets differ")
+    with torch.no_grad():
+        for name, ab in lp.items():
+            m = modules.get(name) or modules[name.removeprefix("text_model.")]  # transformers 5 drops the prefix
+            m.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(ab["A"]).T.copy()))
+            m.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(ab["B"]).T.copy()))
+    return len(modules)
+
+
+def trainable_torch_params(module) -> list[torch.Tensor]:
+    """The trainable (LoRA) parameters, cast to float32 (diffusers' `cast_training_params`)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def gaussian_kernel_2d(kernel_size: int, sigma: float) -> torch.Tensor:
+    """Attend-and-Excite's `GaussianSmoothing` weights `[1, 1, k, k]`: ∝ exp(-((x − μ)/(2σ))²) per axis."""
+    x = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
+    w = torch.exp(-((x / (2 * sigma)) ** 2))
+    w = w / w.sum()
+    return torch.outer(w, w)[None, None]
+
+
+def smooth(maps: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """`[B, N, H, W]` Gaussian smoothing, reflect padding, same size."""
+    b, n, h, w = maps.shape
+    pad = kernel.shape[-1] // 2
+    x = F.pad(maps.reshape(b * n, 1, h, w), (pad, pad, pad, pad), mode="reflect")
+    return F.conv2d(x, kernel).reshape(b, n, h, w)
+
+
+def minmax(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Per-map min-max over space to [0, 1]; a constant map gives 0."""
+    lo = maps.amin(dim=(2, 3), keepdim=True)
+    span = maps.amax(dim=(2, 3), keepdim=True) - lo
+    ok = span > eps
+    return torch.where(ok, (maps - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(maps))
+
+
+def torch_ctcal_terms(student, teacher, noun_weights, token_mask, ae, config: ctcal.CTCALConfig, kernel):
+    """Per-sample L_CTCAL `[B]` before λ_t, and its terms `[B]` (SPEC §3). Maps `[B, H, W, T]` fp32."""
+    valid = (noun_weights.sum(-1) > 0).float()  # [B, N]
+    count = valid.sum(-1)
+
+    def noun_mean(d):  # [B, N] -> [B]; 0 for a sample without nouns
+        return torch.where(count > 0, (d * valid).sum(-1) / count.clamp_min(1.0), torch.zeros_like(count))
+
+    def grouped(maps):  # sub-token mean then smoothing (both linear): [B, N, H, W]
+        return smooth(torch.einsum("bhwt,bnt->bnhw", maps, noun_weights), kernel)
+
+    def per_map_mse(a, b):
+        return ((a - b) ** 2).flatten(1).mean(1)
+
+    b, h, w, _ = student.shape
+    n = noun_weights.shape[1]
+    a_stu, a_tea = minmax(grouped(student)), minmax(grouped(teacher))
+    x_stu, x_tea = a_stu.reshape(b * n, 1, h, w), a_tea.reshape(b * n, 1, h, w)
+    code_tea = ae.encode(x_tea)
+    terms = {
+        "pixel": noun_mean(((a_stu - a_tea) ** 2).mean(dim=(2, 3))),
+        "semantic": noun_mean(per_map_mse(ae.encode(x_stu), code_tea).view(b, n)),
+        "recon": noun_mean(per_map_mse(ae.decode(code_tea), x_tea).view(b, n)),
+    }
+    mask = token_mask[:, None, None, :]
+    weighted = torch.where(mask, torch.softmax(torch.where(mask, config.reweight_scale * student,
+                                                           torch.full_like(student, -1e30)), -1), 0.0)
+    peaks = grouped(weighted).amax(dim=(2, 3)) * valid  # [B, N]
+    terms["balance"] = noun_mean(F.relu(peaks.amax(-1, keepdim=True) - peaks - config.tau))
+    l1, l2, l3, l4 = config.lambdas
+    loss = l1 * terms["pixel"] + l2 * terms["semantic"] + l3 * terms["recon"] + l4 * terms["balance"]
+    return loss, {**terms, "nouns": count}
+
+
+def make_torch_step(unet, text_encoder, ae, batch: dict[str, np.ndarray], preset: dict[str, Any]):
+    """`step(noise=None, t_stu=None) -> metrics` (tensors, not read back): one CTCAL step in PyTorch."""
+    from diffusers import DDPMScheduler
+
+    dev = torch_device()
+    config = ctcal.default_config("sd2")
+    captured = captured_unet_layers(unet.attn_processors, dict(unet.config), preset["latent"], preset["resolution"])
+    store: list[torch.Tensor] = []
+    unet.set_attn_processor({n: (UNetMapsProcessor(store) if n in captured else p)
+                             for n, p in unet.attn_processors.items()})
+    groups = {"unet": trainable_torch_params(unet), "text_encoder": trainable_torch_params(text_encoder),
+              "ae": list(ae.parameters())}
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[name], "lr": lr, "weight_decay": wd} for name, (lr, wd) in OPTIMIZER.items()],
+        betas=(ADAM["b1"], ADAM["b2"]), eps=ADAM["eps"])
+    params = [p for group in groups.values() for p in group]
+    sched = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_start=0.00085, beta_end=0.012,
+                          beta_schedule="scaled_linear", prediction_type=PREDICTION_TYPE)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=preset["dtype"] == "bfloat16")
+    kernel = gaussian_kernel_2d(config.kernel_size, config.sigma).to(dev)
+    x0 = torch.from_numpy(batch["latents"].transpose(0, 3, 1, 2).copy()).to(dev)
+    ids = torch.from_numpy(batch["input_ids"]["text_encoder"]).long().to(dev)
+    noun_weights = torch.from_numpy(batch["noun_weights"]).to(dev)
+    token_mask = torch.from_numpy(batch["token_mask"]).to(dev)
+    r = preset["resolution"]
+
+    def maps() -> torch.Tensor:  # layer mean of the head-mean maps: [B, r, r, T] float32
+        m = torch.stack(store).float().mean(0)
+        store.clear()
+        return m.reshape(m.shape[0], r, r, m.shape[-1])
+
+    def step(noise: torch.Tensor | None = None, t_stu: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        noise = torch.randn_like(x0) if noise is None else noise
+        if t_stu is None:
+            t_stu = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), device=dev)
+        t_tea = torch.zeros_like(t_stu)  # SD 2.1: the teacher timestep is 0 (SPEC §3)
+        with autocast:
+            context = text_encoder(ids).last_hidden_state
+            with torch.no_grad():
+                unet(sched.add_noise(x0, noise, t_tea), t_tea, context)
+            teacher = maps()
+            pred = unet(sched.add_noise(x0, noise, t_stu), t_stu, context).sample
+            student = maps()
+        diffusion = ((pred.float() - sched.get_velocity(x0, noise, t_stu)) ** 2).flatten(1).mean(1)
+        per_sample, terms = torch_ctcal_terms(student, teacher, noun_weights, token_mask, ae, config, kernel)
+        weighted = (t_stu.float() / config.num_train_timesteps * per_sample).mean()
+        loss = diffusion.mean() + weighted
+        loss.backward()
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        optimizer.step()
+        torch_sync()
+        return {"loss": loss, "diffusion": diffusion.mean(), **{f"ctcal_{k}": v.mean() for k, v in terms.items()},
+                "ctcal": per_sample.mean(), "ctcal_weighted": weighted, "grad_norm": grad_norm}
+
+    step.captured_layers = captured
+    return step
+
+
+def loss_check(ae_params: Any, ae: TorchMapAutoencoder, batch: dict[str, np.ndarray], resolution: int,
+               seed: int = 0) -> dict[str, dict[str, float]]:
+    """Both CTCAL loss implementations on the same peaked random maps (softmax over the tokens of
+    3·N(0, 1) logits plus a per-token 3·N(0, 1) bias, so some nouns draw much more attention than
+    others), where every term is non-zero, the balance regulariser included (at step 0 the random
+    models' maps are too flat to pass its margin τ)."""
+    config = ctcal.default_config("sd2")
+    b, t = batch["token_mask"].shape
+    normal = np.random.default_rng(seed).standard_normal
+    logits = (3 * normal((2, b, resolution, resolution, t)) + 3 * normal((2, b, 1, 1, t))).astype(np.float32)
+    maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    _, jax_terms = ctcal.ctcal_terms(maps[0], maps[1], batch["noun_weights"], batch["token_mask"], ae_params, config)
+    dev = torch_device()
+    tensors = [torch.from_numpy(x).to(dev) for x in (maps[0], maps[1], batch["noun_weights"], batch["token_mask"])]
+    kernel = gaussian_kernel_2d(config.kernel_size, config.sigma).to(dev)
+    with torch.no_grad():
+        _, torch_terms = torch_ctcal_terms(*tensors, ae, config, kernel)
+    return compare({k: v.mean() for k, v in jax_terms.items()}, {k: v.mean() for k, v in torch_terms.items()})
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def unit_scale_init(model, seed: int):
+    """Random weights at a trained model's scale (as `tests/step_setup.random_params`): fan-in-scaled
+    kernels, norm scales near 1, small biases, unit embeddings. Attention maps then have structure,
+    so every CTCAL term of the step-0 check is exercised; the timing does not depend on it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(p):
+        return torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.weight.copy_(normal(m.weight) / math.sqrt(m.weight[0].numel()))
+            elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1.0 + 0.1 * normal(m.weight))
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.copy_(normal(m.weight))
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.copy_(0.1 * normal(m.bias))
+    return model
+
+
+def build_models(preset: dict[str, Any]):
+    """The PyTorch UNet and CLIP text encoder with random weights (fp32, CPU) and their ctcal_jax twins."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = unit_scale_init(UNet2DConditionModel(**preset["unet"]), seed=0)
+    text = unit_scale_init(CLIPTextModel(CLIPTextConfig(**preset["clip"])), seed=1)
+    dtype = jnp.dtype(preset["dtype"])
+    unet_module, unet_params = jax_params(unet, "unet", dtype)
+    text_module, text_params = jax_params(text, "clip", dtype)
+    return (unet, text), (unet_module, text_module), {"unet": unet_params, "text_encoder": text_params}
+
+
+def to_torch_side(unet, text, trainable: dict[str, Any], preset: dict[str, Any]):
+    """Move the PyTorch models to the device (frozen weights in the preset's dtype), add the LoRA and
+    build the autoencoder, all holding the JAX side's initial values. Returns (unet, text, ae, counts)."""
+    tdtype = getattr(torch, preset["dtype"])
+    unet, text = to_torch_device(unet, tdtype).train(), to_torch_device(text, tdtype).train()
+    for m in (unet, text):
+        m.requires_grad_(False)
+    counts = {"unet": add_torch_lora(unet, trainable["unet"], ["to_q", "to_k", "to_v", "to_out.0"]),
+              "text_encoder": add_torch_lora(text, trainable["text_encoder"],
+                                             ["q_proj", "k_proj", "v_proj", "out_proj"])}
+    ae = torch_autoencoder(trainable["ae"], preset["resolution"]).to(torch_device())
+    return unet, text, ae, counts
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def peak_flops(override_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of JAX's first device: `override_tflops`, else `PEAK_BF16_FLOPS`;
+    None on a CPU or an accelerator the table does not know (no MFU then)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if jax.default_backend() == "cpu":
+        return None
+    kind = jax.devices()[0].device_kind.lower()
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in kind), None)
+
+
+def as_floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+
+
+def compare(jax_m: dict[str, Any], torch_m: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per metric both sides have: both values and |jax − torch| / |torch|."""
+    jax_m, torch_m = as_floats(jax_m), as_floats(torch_m)
+    return {k: {"jax": jax_m[k], "torch": torch_m[k],
+                "rel_diff": abs(jax_m[k] - torch_m[k]) / max(abs(torch_m[k]), 1e-30)}
+            for k in torch_m if k in jax_m}
+
+
+def print_comparison(title: str, table: dict[str, dict[str, float]]) -> None:
+    print(f"\n{title}")
+    print(f"{'metric':18s} {'ctcal_jax':>13s} {'PyTorch':>13s} {'rel. diff':>10s}")
+    for k, v in table.items():
+        print(f"{k:18s} {v['jax']:13.6g} {v['torch']:13.6g} {v['rel_diff']:10.2e}")
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def print_report(results: dict[str, Any]) -> None:
+    r = results
+    print(f"\nCTCAL train step, preset {r['preset']} ({r['dtype']}, batch {r['batch']}, median of {r['runs']})  —  "
+          f"{r['device']['jax']} / torch {r['device']['torch']}")
+    print(f"{'implementation':30s} {'step (ms)':>10s} {'samples/s':>10s} {'vs PyTorch':>11s} "
+          f"{'TFLOP/s':>8s} {'MFU':>7s}")
+    for side, name in (("jax", "ctcal_jax (jit)"), ("torch", "PyTorch (diffusers + peft)")):
+        mfu = r["mfu"] if side == "jax" else r["torch_mfu"]
+        mfu_text = _fmt(None if mfu is None else 100 * mfu, "6.1f", "%")
+        print(f"{name:30s} {1000 * r[f'{side}_step_s']:10.1f} {r[f'{side}_samples_per_s']:10.2f} "
+              f"{r[f'{side}_samples_per_s'] / r['torch_samples_per_s']:10.2f}× "
+              f"{_fmt(r[f'{side}_tflops_per_s'], '8.3f'):>8s} {mfu_text:>7s}")
+    print(f"FLOPs per step {_fmt(r['flops_per_step'], '.4g')} ({r['flops_method']}); "
+          f"JAX first step (compilation) {r['jax_first_step_s']:.1f} s")
+    print_comparison("Step 0, same weights, noise and timesteps:", r["step0"])
+    print_comparison("CTCAL terms alone, same peaked random maps and autoencoder:", r["loss_check"])
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def setup(preset: dict[str, Any]) -> SimpleNamespace:
+    """Both sides from the same weights, and the checks that must run before either side updates."""
+    torch_models, (unet_module, text_module), frozen = build_models(preset)
+    trainable = jax_trainable(frozen, preset["resolution"])
+    unet_t, text_t, ae_t, lora_counts = to_torch_side(*torch_models, trainable, preset)
+    del torch_models
+    batch = make_batch(preset["batch"], preset["latent"])
+    torch_step = make_torch_step(unet_t, text_t, ae_t, batch, preset)
+    checks = {"loss_check": loss_check(trainable["ae"], ae_t, batch, preset["resolution"])}
+    step, state, optimizer = build_jax_step(unet_module, text_module, frozen, trainable, preset["resolution"])
+    batch_j, rng = jax.tree.map(jnp.asarray, batch), jax.random.key(1)
+    flops = step_flops(unet_module, text_module, preset["resolution"], optimizer, frozen, state, batch_j, rng)
+    return SimpleNamespace(torch_step=torch_step, jax_step=step, state=state, batch=batch, batch_j=batch_j, rng=rng,
+                           flops=flops, checks=checks, lora_counts=lora_counts)
+
+
+def run_jax(s: SimpleNamespace) -> dict[str, jax.Array]:
+    """One JAX step (the state is donated and replaced), finished."""
+    s.state, metrics = s.jax_step(s.state, s.batch_j, s.rng)
+    return jax.block_until_ready(metrics)
+
+
+def step0(s: SimpleNamespace) -> float:
+    """Step 0 on both sides with the same noise and timesteps; fills `s.checks["step0"]`. Returns the
+    wall time of JAX's first step (compilation included)."""
+    start = time.perf_counter()
+    jax_m = jax.device_get(run_jax(s))
+    compile_s = time.perf_counter() - start
+    noise, t_stu = jax_step0_draws(s.rng, s.batch["latents"].shape[0], s.batch["latents"].shape[1:])
+    dev = torch_device()
+    torch_m = s.torch_step(torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()).to(dev),
+                           torch.from_numpy(t_stu.copy()).long().to(dev))
+    s.checks["step0"] = compare(jax_m, torch_m)
+    return compile_s
+
+
+def summarise(s: SimpleNamespace, preset: dict[str, Any], times: dict[str, list[float]],
+              peak: float | None) -> dict[str, Any]:
+    b, flops = preset["batch"], s.flops
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def per_s(side: str, denominator: float = 1.0) -> float | None:
+        return None if flops is None else flops / med[side] / denominator
+    return {
+        "jax_samples_per_s": b / med["jax"], "torch_samples_per_s": b / med["torch"],
+        "speedup": med["torch"] / med["jax"],
+        "jax_step_s": med["jax"], "torch_step_s": med["torch"], "step_times_s": times,
+        "flops_per_step": flops,
+        "flops_method": "XLA HLO cost analysis of the step lowered with explicit attention (model FLOPs)",
+        "jax_tflops_per_s": per_s("jax", 1e12), "torch_tflops_per_s": per_s("torch", 1e12),
+        "peak_bf16_flops": peak,
+        "mfu": None if peak is None else per_s("jax", peak),
+        "torch_mfu": None if peak is None else per_s("torch", peak),
+        **s.checks,
+        "lora_modules": s.lora_counts, "captured_torch_layers": s.torch_step.captured_layers,
+        "config": {k: preset[k] for k in ("latent", "resolution", "unet", "clip")},
+    }
+
+
+def run(preset: dict[str, Any], runs: int, warmup: int, peak: float | None) -> dict[str, Any]:
+    s = setup(preset)
+    compile_s = step0(s)
+    times = time_round_robin_all({"jax": lambda: run_jax(s), "torch": s.torch_step}, runs, warmup)
+    return {"dtype": preset["dtype"], "batch": preset["batch"], "runs": runs,
+            **summarise(s, preset, times, peak), "jax_first_step_s": compile_s}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--runs", type=int, help="timed steps per side (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after step 0")
+    parser.add_argument("--batch", type=int, help="override the preset's batch size")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU (default: table)")
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS[args.preset])
+    if "not_yet" in preset:
+        parser.error(f"--preset {args.preset}: not yet: {preset['not_yet']}")
+    preset["batch"] = args.batch or preset["batch"]
+    device = {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    results = {"preset": args.preset, "device": device,
+               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+               **run(preset, args.runs or preset["runs"], args.warmup, peak_flops(args.peak_tflops))}
+    print_report(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
