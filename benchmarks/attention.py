@@ -164,7 +164,7 @@ def _entry(medians: dict[str, float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ UNet
 
 
-def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, Any]:
+def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int, implementation: str) -> dict[str, Any]:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -172,6 +172,7 @@ def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, 
     ref = UNet2DConditionModel(**spec["config"]).eval()
     dtype = jnp.dtype(dtype_name)
     module, params = jax_params(ref, "unet", dtype)
+    module = module.clone(implementation=implementation)
     tdtype = getattr(torch, dtype_name)
     ref = to_torch_device(ref, tdtype)
 
@@ -208,7 +209,7 @@ def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, 
 # ---------------------------------------------------------------------------------------------- MM-DiT
 
 
-def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str, Any]:
+def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int, implementation: str) -> dict[str, Any]:
     import torch
     from diffusers import SD3Transformer2DModel
 
@@ -216,6 +217,7 @@ def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int) -> dict[str,
     ref = SD3Transformer2DModel(**spec["config"]).eval()
     dtype = jnp.dtype(dtype_name)
     module, params = jax_params(ref, "mmdit", dtype)
+    module = module.clone(implementation=implementation)
     tdtype = getattr(torch, dtype_name)
     ref = to_torch_device(ref, tdtype)
 
@@ -271,17 +273,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--runs", type=int, help="timed runs per variant (median reported)")
     parser.add_argument("--only", choices=("unet", "mmdit"), help="one model only")
+    parser.add_argument("--implementation", choices=("fused", "explicit", "auto"), default="fused",
+                        help="ctcal_jax attention path (default: the fused kernel path whose overhead is the "
+                             "question; 'auto' is what models use: explicit on CPU, fused elsewhere)")
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     runs = args.runs or preset["runs"]
 
     results: dict[str, Any] = {"preset": args.preset, "device": describe_device(),
                                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                               "dtype": preset["dtype"], "batch": preset["batch"], "runs": runs, "models": {}}
+                               "dtype": preset["dtype"], "batch": preset["batch"], "runs": runs,
+                               "implementation": args.implementation, "models": {}}
     if args.only in (None, "unet"):
-        results["models"]["unet"] = bench_unet(preset["unet"], preset["batch"], preset["dtype"], runs)
+        results["models"]["unet"] = bench_unet(preset["unet"], preset["batch"], preset["dtype"], runs, args.implementation)
     if args.only in (None, "mmdit"):
-        results["models"]["mmdit"] = bench_mmdit(preset["mmdit"], preset["batch"], preset["dtype"], runs)
+        results["models"]["mmdit"] = bench_mmdit(preset["mmdit"], preset["batch"], preset["dtype"], runs, args.implementation)
     models = results["models"]
     results["capture_overhead"] = max(m["jax"]["capture_overhead"] for m in models.values())
     if "mmdit" in models:
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"median of {runs})  —  {results['device']['jax']} / torch {results['device']['torch']}")
     print(f"{'model':7s} {'implementation':22s} {'+capture':>9s} {'+TACA':>9s} {'plain (ms)':>11s}")
     for name, m in models.items():
-        print(_row(name, "ctcal_jax (fused)", m["jax"]))
+        print(_row(name, f"ctcal_jax ({args.implementation})", m["jax"]))
         print(_row(name, "PyTorch explicit", m["torch"]))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ PyTorch/diffusers/peft, on the same machine in one run.
 
     python benchmarks/ctcal_step.py --preset cpu-small --json out/ctcal_step.json
     python benchmarks/ctcal_step.py --preset sd21-512  --json out/ctcal_step.json   # GPU host
-    python benchmarks/ctcal_step.py --preset sd3m-1024 --json out/ctcal_step.json   # not yet (SD3 family)
+    python benchmarks/ctcal_step.py --preset sd3m-1024 --json out/ctcal_step.json   # not yet (SD3 torch reference)
 
 One step (SD 2.1 family, SPEC §3), identical on both sides:
 - CLIP text encoder with LoRA on its self-attention q/k/v/out (rank 4, alpha 4), one forward shared by
@@ -119,10 +119,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # The real SD 2.1 UNet and OpenCLIP-H text encoder (random weights), 512 px, batch 8 per GPU.
     "sd21-512": dict(dtype="bfloat16", batch=8, runs=20, latent=64, resolution=16, unet=SD21_UNET, clip=OPENCLIP_H),
-    # SD3-medium at 1024 px needs the MM-DiT family of the step (ctcal_jax/families/mmdit.py) and an
-    # SD3 PyTorch reference; neither is in this script yet.
-    "sd3m-1024": dict(not_yet="the SD3 (MM-DiT) family of the CTCAL step and its PyTorch reference are not "
-                              "in this benchmark yet; use --preset cpu-small or sd21-512"),
+    # SD3-medium at 1024 px: the step's SD3 family exists (ctcal_jax/families/mmdit.py, tested in
+    # tests/test_train_step.py); this script's SD3 PyTorch reference (MM-DiT + two CLIPs with peft,
+    # joint-softmax map processors, flow matching) is not written yet.
+    "sd3m-1024": dict(not_yet="this benchmark has no SD3 PyTorch reference yet (the JAX SD3 step exists: "
+                              "ctcal_jax/families/mmdit.py); use --preset cpu-small or sd21-512"),
 }
 
 LORA_RANK, LORA_ALPHA = 4, 4.0
