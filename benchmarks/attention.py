@@ -43,6 +43,7 @@ from benchmarks.common import (  # noqa: E402
     to_torch_device, torch_device, torch_sync,
 )
 from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
+from tests.tiny import JointProbsProcessor  # noqa: E402  (the explicit-softmax SD3 reference)
 
 # ---------------------------------------------------------------------------------------------- presets
 
@@ -85,38 +86,6 @@ T_ACTIVE = 980.0  # every sample at or above the threshold: TACA's γ is in effe
 
 
 # ---------------------------------------------------------------------------------------- PyTorch side
-
-
-class _JointExplicitProcessor:
-    """SD3 joint attention with the softmax formed explicitly: TACA scales the image-query ×
-    text-key logits by `gamma` (official TACA pattern); `store` keeps the head-mean map block."""
-
-    def __init__(self, store: list | None = None, gamma: float | None = None):
-        self.store, self.gamma = store, gamma
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        import torch
-
-        b, n_img, _ = hidden_states.shape
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_q is not None:
-            q, k, cq, ck = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        logits = (q @ k.transpose(-1, -2)) * attn.scale
-        if self.gamma is not None:
-            logits[:, :, :n_img, n_img:] *= self.gamma
-        probs = logits.softmax(-1)
-        if self.store is not None:
-            self.store.append(probs[:, :, :n_img, n_img:].mean(1))
-        out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
-        img, txt = attn.to_out[0](out[:, :n_img]), out[:, n_img:]
-        return img, (txt if attn.context_pre_only else attn.to_add_out(txt))
 
 
 class _Switch:
@@ -251,8 +220,8 @@ def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int, implementati
 
     fns = _torch_runner(ref, {
         "plain": default,
-        "capture": joint(_JointExplicitProcessor(store=store)),
-        "taca": joint(_JointExplicitProcessor(gamma=TACA_ON.gamma)),
+        "capture": joint(JointProbsProcessor(store=store)),
+        "taca": joint(JointProbsProcessor(gamma=TACA_ON.gamma)),
     }, lambda: ref(xt, ctxt, pt, tt).sample, store)
     torch_times = time_round_robin(fns, runs)
     return {"config": spec, "jax": _entry(jax_times), "torch": _entry(torch_times)}

@@ -24,7 +24,7 @@ from conversion import load_component  # noqa: E402
 from conversion import mmdit as mmdit_conversion  # noqa: E402
 from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
 from ctcal_jax.models.mmdit import sincos_pos_embed  # noqa: E402
-from tests.tiny import nchw, nhwc, randomize, rel_err, save  # noqa: E402
+from tests.tiny import JointProbsProcessor, nchw, nhwc, randomize, rel_err, save  # noqa: E402
 
 # Tiny configs in the style of each release; sizes differ between them on purpose (heads, widths,
 # out ≠ in channels, odd crop offsets) so that a swapped axis or chunk order cannot pass by symmetry.
@@ -48,39 +48,6 @@ T_TXT = 7
 HEIGHT, WIDTH = 16, 12  # latent size: 8 × 6 patches, 48 image tokens
 
 
-class JointProbsProcessor:
-    """`JointAttnProcessor2_0` with the softmax formed explicitly (the official TACA / gsn-factory
-    pattern): image-query × text-key logits multiplied by `gamma[b]` when set, and the head-mean
-    probabilities of that block appended to `store` (`[B, L_img, T]`)."""
-
-    def __init__(self, store: list, gamma=None):
-        self.store, self.gamma = store, gamma
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n_img, _ = hidden_states.shape
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # [B, N, L, D]
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_q is not None:
-            q, k, cq, ck = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(cq), attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        logits = q @ k.transpose(-1, -2) * attn.scale  # [B, N, L, L]
-        if self.gamma is not None:
-            mult = torch.ones_like(logits)
-            mult[:, :, :n_img, n_img:] = self.gamma.view(b, 1, 1, 1)
-            logits = logits * mult
-        probs = logits.softmax(-1)
-        self.store.append(probs[:, :, :n_img, n_img:].mean(1).numpy())
-        out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
-        img, txt = out[:, :n_img], out[:, n_img:]
-        img = attn.to_out[1](attn.to_out[0](img))
-        return img, (txt if attn.context_pre_only else attn.to_add_out(txt))
-
-
 def torch_forward(model, x, t, ctx, pooled, *, record: bool = False, gamma=None):
     """diffusers forward on NHWC numpy inputs -> (pred NHWC, per-block maps or None).
 
@@ -99,7 +66,7 @@ def torch_forward(model, x, t, ctx, pooled, *, record: bool = False, gamma=None)
                         torch.from_numpy(np.asarray(t, np.float32))).sample
     finally:
         model.set_attn_processor(default)
-    return nhwc(out.numpy()), (store or None)
+    return nhwc(out.numpy()), ([m.numpy() for m in store] or None)
 
 
 def make_inputs(cfg: dict, batch: int = 2, height: int = HEIGHT, width: int = WIDTH, seed: int = 0):

@@ -62,6 +62,41 @@ class ProbsProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
+class JointProbsProcessor:
+    """diffusers' `JointAttnProcessor2_0` with the softmax formed explicitly (the official TACA /
+    gsn-factory pattern): image-query × text-key logits multiplied by `gamma` (a scalar or one value
+    per sample) when set, and the head-mean probabilities of that block (`[B, L_img, T]` tensors)
+    appended to `store` when one is given."""
+
+    def __init__(self, store: list | None = None, gamma=None):
+        self.store, self.gamma = store, gamma
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch
+
+        b, n_img, _ = hidden_states.shape
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)  # [B, N, L, D]
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_q is not None:
+            q, k, cq, ck = attn.norm_q(q), attn.norm_k(k), attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        logits = q @ k.transpose(-1, -2) * attn.scale  # [B, N, L, L]
+        if self.gamma is not None:
+            gamma = torch.as_tensor(self.gamma, dtype=logits.dtype, device=logits.device).reshape(-1, 1, 1, 1)
+            logits[:, :, :n_img, n_img:] = logits[:, :, :n_img, n_img:] * gamma
+        probs = logits.softmax(-1)
+        if self.store is not None:
+            self.store.append(probs[:, :, :n_img, n_img:].mean(1).detach())
+        out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
+        img, txt = attn.to_out[0](out[:, :n_img]), out[:, n_img:]
+        return img, (txt if attn.context_pre_only else attn.to_add_out(txt))
+
+
 def record_cross_attention(unet) -> list:
     """Install `ProbsProcessor` on every attention layer of a diffusers UNet; returns the store."""
     store: list = []
