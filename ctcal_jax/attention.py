@@ -168,7 +168,8 @@ def _explicit(q, k, v, scale, logit_mult=None, bias=None, is_causal: bool = Fals
         length, keys = logits.shape[-2:]
         logits = jnp.where(jnp.tril(jnp.ones((length, keys), bool)), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bnls,bsnd->blnd", probs.astype(v.dtype), v)
+    # The weighted sum of values stays in float32, as flash kernels accumulate it.
+    out = jnp.einsum("bnls,bsnd->blnd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out, probs
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ctcal_jax import ctcal
 from ctcal_jax.train_step import loss_fn, make_step_fn
 from step_setup import batch, setup
 
@@ -94,6 +95,16 @@ def test_tiny_model_fits_one_batch():
         state, _ = step(state, b, jax.random.key(8))
     after = float(probe(state["params"]))
     assert after < 0.95 * before, (before, after)
+
+
+def test_sd3_default_teacher_is_fixed_on_the_host_and_jits():
+    """SPEC §3: with no configured value the SD3 teacher is argmax_k p_k / t_k (570.6 at shift 3),
+    computed before tracing; the jitted forward then runs with it."""
+    s = setup("sd3", config=ctcal.default_config("sd3"))
+    assert s.family.ctcal.teacher_t == pytest.approx(ctcal.teacher_timestep("logit_normal", shift=3.0))
+    assert 560.0 < s.family.ctcal.teacher_t < 580.0
+    out = jax.jit(s.family.forward)(s.frozen, s.state["params"], _device_batch("sd3"), jax.random.key(0))
+    np.testing.assert_allclose(out["t_tea"], s.family.ctcal.teacher_t, rtol=1e-6)
 
 
 def test_bf16_compute_with_float32_weights_and_state():

@@ -15,7 +15,10 @@ each stream with its own tokens and is averaged over the two.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+from absl import logging
 from flax import linen as nn
 
 from ctcal_jax import ctcal, schedules, text
@@ -36,8 +39,18 @@ def make_family(
     logit_std: float = 1.0,
     capture_blocks: tuple[int, ...] | None = None,
 ) -> Family:
-    """The SD3 `Family`. `capture_blocks=None` captures every joint block (SPEC §2)."""
+    """The SD3 `Family`. `capture_blocks=None` captures every joint block (SPEC §2).
+
+    The fixed teacher timestep (`argmax_k p_k / t_k` of this sampler, unless the config sets
+    `teacher_t`) is computed here, on the host, once, and logged; the returned family's config
+    carries it.
+    """
     num_t = config.num_train_timesteps
+    if config.teacher == "priority" and config.teacher_t is None:
+        t_tea = ctcal.teacher_timestep("logit_normal", shift, logit_mean, logit_std, num_t)
+        logging.info("CTCAL SD3 teacher timestep t_tea = %.2f (logit-normal mean %g, std %g, shift %g)",
+                     t_tea, logit_mean, logit_std, shift)
+        config = dataclasses.replace(config, teacher_t=t_tea)
     schedule = schedules.flow_match_schedule(num_t, shift)
     capture = AttnCapture(blocks=capture_blocks)
 
