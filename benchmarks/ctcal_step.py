@@ -1,9 +1,10 @@
 """Samples/s of the full CTCAL train step: ctcal_jax's jitted step vs the same work in
 PyTorch/diffusers/peft, on the same machine in one run.
 
-    python benchmarks/ctcal_step.py --preset cpu-small --json out/ctcal_step.json
-    python benchmarks/ctcal_step.py --preset sd21-512  --json out/ctcal_step.json   # GPU host
-    python benchmarks/ctcal_step.py --preset sd3m-1024 --json out/ctcal_step.json   # not yet (SD3 torch reference)
+    python benchmarks/ctcal_step.py --preset cpu-small     --json out/ctcal_step.json
+    python benchmarks/ctcal_step.py --preset cpu-small-sd3 --json out/ctcal_step.json
+    python benchmarks/ctcal_step.py --preset sd21-512      --json out/ctcal_step.json   # GPU host
+    python benchmarks/ctcal_step.py --preset sd3m-1024     --json out/ctcal_step.json   # GPU host
 
 One step (SD 2.1 family, SPEC §3), identical on both sides:
 - CLIP text encoder with LoRA on its self-attention q/k/v/out (rank 4, alpha 4), one forward shared by
@@ -15,6 +16,20 @@ One step (SD 2.1 family, SPEC §3), identical on both sides:
   min-max; the map autoencoder (`ctcal.MapAutoencoder`); the four λ terms, the balance term on the
   softmax×100 re-weighted maps; λ_t = t_stu / 1000; plus the v-prediction diffusion loss;
 - AdamW (β 0.9/0.999, ε 1e-8): lr 5e-5 UNet LoRA and autoencoder, 5e-6 text LoRA, weight decay 0.01.
+
+The SD3 step (`cpu-small-sd3`, `sd3m-1024`; `families.mmdit` on the JAX side), identical on both sides:
+- CLIP-L and CLIP-G (`CLIPTextModelWithProjection`) with LoRA on their self-attention q/k/v/out; their
+  penultimate hidden states concatenated and zero-padded to the T5 width, then a precomputed T5 stream
+  (the same random `[B, 256, C]` tensor on both sides; T5 is frozen); pooled = the two projections;
+- the MM-DiT (`SD3Transformer2DModel`) with LoRA on `lora.DEFAULT_TARGETS`: every joint attention's
+  `to_q/to_k/to_v/to_out.0` (the context projections `add_*_proj`/`to_add_out` are not adapted, on
+  either side); flow matching with shift 3: t_stu logit-normal (indices into the shifted schedule,
+  diffusers' SD3 scripts), the teacher at the fixed priority timestep (570.6) without gradient, input
+  (1 − σ)·x0 + σ·ε, velocity target ε − x0;
+- maps: the head-mean image→text block of every joint block's softmax, mean over blocks (PyTorch:
+  `tests/tiny.JointProbsProcessor`, explicit softmax, on every block); the CTCAL loss on each text
+  stream (CLIP 77, T5 256 tokens) with its own nouns, averaged over the two, SD3's λ (0.01, 1, 0.01, 0)
+  and 5×5 smoothing; a sample with t_tea ≥ t_stu gets no CTCAL term; same optimizer groups.
 
 ctcal_jax: `train_step.make_train_step` with `families.unet.make_family` on one device (fused
 attention, maps rebuilt from its log-sum-exp). PyTorch: diffusers `UNet2DConditionModel` and
@@ -49,6 +64,7 @@ Output: a table (speed-up JAX / PyTorch is the headline), the step-0 comparison,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -76,11 +92,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import step_setup  # noqa: E402  (tests/step_setup.py)
+from tiny import JointProbsProcessor  # noqa: E402  (tests/tiny.py: SD3 joint attention, explicit softmax)
 from benchmarks.common import (  # noqa: E402
     SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin_all,
     to_torch_device, torch_device, torch_sync,
 )
 from ctcal_jax import ctcal, lora, schedules, text  # noqa: E402
+from ctcal_jax.families.mmdit import make_family as make_sd3_family  # noqa: E402
 from ctcal_jax.families.unet import make_family  # noqa: E402
 from ctcal_jax.optim import adamw_groups  # noqa: E402
 from ctcal_jax.sharding import make_mesh, param_shardings  # noqa: E402
@@ -96,6 +114,24 @@ OPENCLIP_H = dict(
     bos_token_id=0, eos_token_id=2, pad_token_id=1,
 )
 
+# SD3-medium (`stabilityai/stable-diffusion-3-medium-diffusers`: transformer/, text_encoder/,
+# text_encoder_2/ config.json).
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+CLIP_L = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+CLIP_G = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # SD 2.1's layout at 1/10 width, one layer per block: 4 levels, 64×64 latents, so the captured
     # maps are the third level's 16×16 as at 512 px; 77 tokens, a 4-layer CLIP, the real tokenizer.
@@ -103,7 +139,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # self-attention would be ~70 % of the FLOPs (L / 9C = 14 against SD 2.1's 1.4), whereas levels 2-3
     # here have the attention/convolution ratios of SD 2.1's levels 1-2. A few minutes on 2 cores.
     "cpu-small": dict(
-        dtype="float32", batch=4, runs=11, latent=64, resolution=16,
+        family="sd2", dtype="float32", batch=4, runs=11, latent=64, resolution=16,
         unet=dict(
             sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(32, 64, 128, 128), attention_head_dim=(1, 2, 4, 4), cross_attention_dim=128,
@@ -118,21 +154,56 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
     ),
     # The real SD 2.1 UNet and OpenCLIP-H text encoder (random weights), 512 px, batch 8 per GPU.
-    "sd21-512": dict(dtype="bfloat16", batch=8, runs=20, latent=64, resolution=16, unet=SD21_UNET, clip=OPENCLIP_H),
-    # SD3-medium at 1024 px: the step's SD3 family exists (ctcal_jax/families/mmdit.py, tested in
-    # tests/test_train_step.py); this script's SD3 PyTorch reference (MM-DiT + two CLIPs with peft,
-    # joint-softmax map processors, flow matching) is not written yet.
-    "sd3m-1024": dict(not_yet="this benchmark has no SD3 PyTorch reference yet (the JAX SD3 step exists: "
-                              "ctcal_jax/families/mmdit.py); use --preset cpu-small or sd21-512"),
+    "sd21-512": dict(family="sd2", dtype="bfloat16", batch=8, runs=20, latent=64, resolution=16,
+                     unet=SD21_UNET, clip=OPENCLIP_H),
+    # SD3-style at toy size: MM-DiT of 4 joint blocks (4 heads × 32), 32×32 latents (16×16 maps, as
+    # the 256 image tokens), CLIP-L/G-like encoders (2 layers, widths 64/128, projections), a random
+    # 256-token T5 stream of width 256 (the joint attention width). A few minutes on 2 cores.
+    "cpu-small-sd3": dict(
+        family="sd3", dtype="float32", batch=4, runs=7, latent=32, resolution=16,
+        rng_seed=5,  # step 0 then draws t_stu = 601.8, 927.5, 674.9, 349.7: the last is below t_tea (no CTCAL term)
+        transformer=dict(
+            sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=128,
+            pooled_projection_dim=192, pos_embed_max_size=32,
+        ),
+        clip=dict(
+            vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        ),
+        clip_2=dict(
+            vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=128,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        ),
+    ),
+    # SD3-medium (MM-DiT 2B, CLIP-L, CLIP-G; random weights) at 1024 px: 128×128 latents, 64×64 maps
+    # of all 24 joint blocks, the T5 stream precomputed (random, 256 × 4096). Batch 2 per GPU: the
+    # PyTorch side keeps every block's [B, 24, 4429, 4429] probabilities for the backward.
+    "sd3m-1024": dict(family="sd3", dtype="bfloat16", batch=2, runs=10, latent=128, resolution=64,
+                      transformer=SD3_MEDIUM, clip=CLIP_L, clip_2=CLIP_G),
 }
 
 LORA_RANK, LORA_ALPHA = 4, 4.0
 LORA_B_SCALE = 0.1  # B ~ N(0, 0.1²) instead of 0, so the step-0 check exercises the adapters
 TEXT_LORA_TARGETS = r"self_attn\.(q|k|v|out)_proj$"
-# component -> (learning rate, weight decay): SPEC §3, SD 2.1.
-OPTIMIZER = {"unet": (5e-5, 0.01), "ae": (5e-5, 0.01), "text_encoder": (5e-6, 0.01)}
+# Per family: the denoiser's component name, its text encoders (frozen-tree names) and the torch
+# module names of the LoRA targets (`lora.DEFAULT_TARGETS` for the denoiser, `TEXT_LORA_TARGETS`).
+DENOISER = {"sd2": "unet", "sd3": "transformer"}
+TEXT_ENCODERS = {"sd2": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2")}
+TORCH_DENOISER_LORA = ["to_q", "to_k", "to_v", "to_out.0"]
+TORCH_TEXT_LORA = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# learning rate, weight decay (SPEC §3): the denoiser LoRA and the autoencoder, the text LoRA.
+DENOISER_OPT, TEXT_OPT = (5e-5, 0.01), (5e-6, 0.01)
 ADAM = dict(b1=0.9, b2=0.999, eps=1e-8)
 PREDICTION_TYPE = "v_prediction"
+SD3_SHIFT = 3.0
+
+
+def optimizer_groups(family: str) -> dict[str, tuple[float, float]]:
+    """Trainable component -> (learning rate, weight decay)."""
+    return {DENOISER[family]: DENOISER_OPT, "ae": DENOISER_OPT, **{c: TEXT_OPT for c in TEXT_ENCODERS[family]}}
 
 # Peak dense bf16 FLOP/s per device (no sparsity), by `device_kind` substring; first match wins.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -146,25 +217,32 @@ PEAK_BF16_FLOPS: list[tuple[str, float]] = [
 # ------------------------------------------------------------------------------------------- the batch
 
 
-def make_batch(batch_size: int, latent: int) -> dict[str, np.ndarray]:
-    """Prompts with nouns (and one without), real CLIP tokens (SD 2.x pads with "!"), noun weights
-    from a dictionary tagger, Gaussian latents `[B, latent, latent, 4]`: `tests/step_setup.batch`."""
-    return step_setup.batch("sd2", batch_size, latent=latent)
+def make_batch(preset: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Prompts with nouns (and one without), real CLIP tokens (padded with "!"), noun weights from a
+    dictionary tagger, Gaussian latents `[B, latent, latent, 4 | 16]`: `tests/step_setup.batch`. SD3
+    adds the T5 stream's noun arrays (tiny T5 tokenizer) and a random precomputed T5 stream
+    `[B, 256, joint_attention_dim]` (the same tensor on both sides)."""
+    family, b = preset["family"], preset["batch"]
+    batch = step_setup.batch(family, b, latent=preset["latent"])
+    if family == "sd3":
+        width = preset["transformer"]["joint_attention_dim"]
+        batch["t5_embeds"] = np.random.RandomState(1).randn(b, 256, width).astype(np.float32)
+    return batch
 
 
 # --------------------------------------------------------------------------------------- ctcal_jax side
 
 
-def jax_trainable(frozen: dict[str, Any], resolution: int, seed: int = 0) -> dict[str, Any]:
-    """LoRA on the UNet attention and the CLIP self-attention, B drawn small but non-zero, and the
-    map autoencoder: the trainable tree of the step (float32)."""
-    keys = jax.random.split(jax.random.key(seed), 4)
-    trainable = {
-        "unet": lora.init(keys[0], frozen["unet"], rank=LORA_RANK, alpha=LORA_ALPHA),
-        "text_encoder": lora.init(keys[1], frozen["text_encoder"], targets=TEXT_LORA_TARGETS,
-                                  rank=LORA_RANK, alpha=LORA_ALPHA),
-        "ae": ctcal.init_autoencoder(keys[2], resolution),
-    }
+def jax_trainable(family: str, frozen: dict[str, Any], resolution: int, seed: int = 0) -> dict[str, Any]:
+    """LoRA on the denoiser's attention (`lora.DEFAULT_TARGETS`) and the CLIP self-attention, B drawn
+    small but non-zero, and the map autoencoder: the trainable tree of the step (float32)."""
+    keys = jax.random.split(jax.random.key(seed), 4)  # denoiser, text encoder, autoencoder, B draws
+    denoiser, texts = DENOISER[family], TEXT_ENCODERS[family]
+    text_keys = [keys[1], *jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), len(texts) - 1)]
+    trainable = {denoiser: lora.init(keys[0], frozen[denoiser], rank=LORA_RANK, alpha=LORA_ALPHA),
+                 "ae": ctcal.init_autoencoder(keys[2], resolution)}
+    for key, c in zip(text_keys, texts):
+        trainable[c] = lora.init(key, frozen[c], targets=TEXT_LORA_TARGETS, rank=LORA_RANK, alpha=LORA_ALPHA)
     leaves, tree = jax.tree_util.tree_flatten_with_path(trainable)
     draws = jax.random.split(keys[3], len(leaves))
     return jax.tree.unflatten(tree, [
@@ -172,50 +250,76 @@ def jax_trainable(frozen: dict[str, Any], resolution: int, seed: int = 0) -> dic
         for (p, x), k in zip(leaves, draws)])
 
 
-def jax_optimizer(trainable: dict[str, Any]):
-    groups = [(r"/alpha$", 0.0, 0.0)] + [(f"^{name}/", lr, wd) for name, (lr, wd) in OPTIMIZER.items()]
+def jax_optimizer(family: str, trainable: dict[str, Any]):
+    groups = [(r"/alpha$", 0.0, 0.0)] + [(f"^{name}/", lr, wd) for name, (lr, wd) in optimizer_groups(family).items()]
     return adamw_groups(trainable, groups, **ADAM)
 
 
-def _encoders(text_module) -> text.PromptEncoders:
-    """The SD 2.x text side of the step: one CLIP on 77 tokens (tokenized ahead, in the batch)."""
-    return text.PromptEncoders("sd", {}, {"text_encoder": text_module}, {"text_encoder": 77})
+def ctcal_config(family: str) -> ctcal.CTCALConfig:
+    """SPEC defaults; SD3's teacher is the fixed logit-normal priority timestep (570.6 at shift 3),
+    computed here, outside jit, and set as `teacher_t`: the same value `ctcal.teacher_timesteps`
+    would compute, but `teacher_timestep` cannot run under jit with jax 0.10 (its `flow_match_schedule`
+    arrays are traced there: TracerArrayConversionError)."""
+    config = ctcal.default_config(family)
+    if family == "sd3" and config.teacher_t is None:
+        config = dataclasses.replace(config, teacher_t=ctcal.teacher_timestep(
+            "logit_normal", SD3_SHIFT, num_train_timesteps=config.num_train_timesteps))
+    return config
 
 
-def build_jax_step(unet_module, text_module, frozen, trainable, resolution: int):
+def jax_family(family: str, modules: dict[str, Any], preset: dict[str, Any], explicit: bool = False):
+    """The step's `Family`; `explicit` rebuilds every module with `implementation="explicit"`."""
+    if explicit:
+        modules = {k: m.clone(implementation="explicit") for k, m in modules.items()}
+    texts = {c: modules[c] for c in TEXT_ENCODERS[family]}
+    config = ctcal_config(family)
+    if family == "sd2":
+        encoders = text.PromptEncoders("sd", {}, texts, {"text_encoder": 77})
+        return make_family(modules["unet"], encoders, config, schedule=schedules.ddpm_schedule(),
+                           prediction_type=PREDICTION_TYPE, resolution=preset["resolution"])
+    encoders = text.PromptEncoders("sd3", {}, texts, {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256},
+                                   joint_attention_dim=preset["transformer"]["joint_attention_dim"])
+    return make_sd3_family(modules["transformer"], encoders, config, shift=SD3_SHIFT)
+
+
+def build_jax_step(family: str, modules: dict[str, Any], frozen, trainable, preset: dict[str, Any]):
     """`(train_step, state, optimizer)` on a one-device mesh (the torch side uses one device)."""
-    config = ctcal.default_config("sd2")
-    family = make_family(unet_module, _encoders(text_module), config, schedule=schedules.ddpm_schedule(),
-                         prediction_type=PREDICTION_TYPE, resolution=resolution)
-    optimizer = jax_optimizer(trainable)
+    optimizer = jax_optimizer(family, trainable)
     mesh = make_mesh(1, 1, jax.devices()[:1])
     frozen_sh = param_shardings(frozen, [(r".*", ())], mesh)
     state = init_state(trainable, optimizer)
     state_sh = param_shardings(state, [(r".*", ())], mesh)
-    step = make_train_step(family, optimizer, place(frozen, frozen_sh), mesh=mesh, frozen_shardings=frozen_sh,
-                           state_shardings=state_sh)
+    step = make_train_step(jax_family(family, modules, preset), optimizer, place(frozen, frozen_sh), mesh=mesh,
+                           frozen_shardings=frozen_sh, state_shardings=state_sh)
     return step, place(state, state_sh), optimizer
 
 
-def jax_step0_draws(rng: jax.Array, batch_size: int, latent_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The noise and t_stu the JAX step draws at step 0: `make_step_fn` folds the step (0) and the
-    micro-batch index (0) into `rng`; `families.unet` splits that key into (noise, t_stu, t_tea)."""
+def jax_step0_draws(family: str, rng: jax.Array, batch_size: int,
+                    latent_shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The noise and timesteps the JAX step draws at step 0: `make_step_fn` folds the step (0) and
+    the micro-batch index (0) into `rng`; both families split that key into (noise, t_stu, t_tea).
+    SD 2.x: `{noise, t_stu}` (t_tea = 0); SD3: also `sigma_stu` (looked up with t_stu) and `t_tea`."""
     key = jax.random.fold_in(jax.random.fold_in(rng, 0), 0)
-    r_noise, r_t, _ = jax.random.split(key, 3)
-    noise = jax.random.normal(r_noise, (batch_size, *latent_shape), jnp.float32)
-    return np.asarray(noise), np.asarray(schedules.uniform_timesteps(r_t, batch_size))
+    r_noise, r_t, r_tea = jax.random.split(key, 3)
+    out = {"noise": jax.random.normal(r_noise, (batch_size, *latent_shape), jnp.float32)}
+    if family == "sd2":
+        out["t_stu"] = schedules.uniform_timesteps(r_t, batch_size)
+    else:
+        config = ctcal_config(family)
+        schedule = schedules.flow_match_schedule(config.num_train_timesteps, SD3_SHIFT)
+        out["t_stu"], out["sigma_stu"] = schedules.sample_flow_timesteps(r_t, schedule, batch_size)
+        out["t_tea"] = ctcal.teacher_timesteps(r_tea, out["t_stu"], config, "logit_normal", SD3_SHIFT)
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
-def step_flops(unet_module, text_module, resolution: int, optimizer, frozen, state, batch, rng) -> float | None:
+def step_flops(family: str, modules, preset, optimizer, frozen, state, batch, rng) -> float | None:
     """Model FLOPs of one step: XLA's cost analysis of the step lowered with explicit attention
     (every attention matmul visible; no compilation, abstract shapes only). None, with a warning,
     where the backend offers no cost analysis."""
-    family = make_family(unet_module.clone(implementation="explicit"), _encoders(text_module.clone(implementation="explicit")),
-                         ctcal.default_config("sd2"), schedule=schedules.ddpm_schedule(),
-                         prediction_type=PREDICTION_TYPE, resolution=resolution)
+    fam = jax_family(family, modules, preset, explicit=True)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (frozen, state, batch, rng))
     try:
-        return float(jax.jit(make_step_fn(family, optimizer)).lower(*shapes).cost_analysis()["flops"])
+        return float(jax.jit(make_step_fn(fam, optimizer)).lower(*shapes).cost_analysis()["flops"])
     except Exception as e:  # noqa: BLE001 — a missing FLOP count must not cost the timing
         print(f"warning: no XLA cost analysis on this backend ({type(e).__name__}: {e}); MFU not computed")
         return None
@@ -342,79 +446,167 @@ def torch_ctcal_terms(student, teacher, noun_weights, token_mask, ae, config: ct
     return loss, {**terms, "nouns": count}
 
 
-def make_torch_step(unet, text_encoder, ae, batch: dict[str, np.ndarray], preset: dict[str, Any]):
-    """`step(noise=None, t_stu=None) -> metrics` (tensors, not read back): one CTCAL step in PyTorch."""
+# Text streams of the maps, as the JAX families define them: name -> (token slice on the last map axis,
+# batch key of its noun weights, batch key of its token mask).
+STREAMS = {
+    "sd2": {"clip": (slice(None), "noun_weights", "token_mask")},
+    "sd3": {"clip": (slice(0, 77), "noun_weights_clip", "token_mask_clip"),
+            "t5": (slice(77, None), "noun_weights_t5", "token_mask_t5")},
+}
+
+
+def take_maps(store: list[torch.Tensor], r: int) -> torch.Tensor:
+    """The layer mean of the recorded head-mean maps `[B, r·r, T]` as `[B, r, r, T]` float32; empties `store`."""
+    m = torch.stack(store).float().mean(0)
+    store.clear()
+    return m.reshape(m.shape[0], r, r, m.shape[-1])
+
+
+def torch_ctcal_part(student, teacher, noun_weights, token_mask, ae, config, kernel, t_stu, t_tea):
+    """`ctcal.ctcal_loss` in torch: `mean_b λ_t · [t_tea < t_stu] · L_CTCAL` and its metrics."""
+    per_sample, terms = torch_ctcal_terms(student, teacher, noun_weights, token_mask, ae, config, kernel)
+    weight = t_stu.float() / config.num_train_timesteps * (t_tea.float() < t_stu.float())
+    part = (weight * per_sample).mean()
+    return part, {**{f"ctcal_{k}": v.mean() for k, v in terms.items()}, "ctcal": per_sample.mean(),
+                  "ctcal_weighted": part}
+
+
+def sd2_forward(models, batch_t, preset, config):
+    """SD 2.x: `(forward(noise=None, t_stu=None) -> outputs, captured layer names)`; t_tea = 0."""
     from diffusers import DDPMScheduler
 
-    dev = torch_device()
-    config = ctcal.default_config("sd2")
+    unet, text_encoder = models["unet"], models["text_encoder"]
     captured = captured_unet_layers(unet.attn_processors, dict(unet.config), preset["latent"], preset["resolution"])
     store: list[torch.Tensor] = []
     unet.set_attn_processor({n: (UNetMapsProcessor(store) if n in captured else p)
                              for n, p in unet.attn_processors.items()})
-    groups = {"unet": trainable_torch_params(unet), "text_encoder": trainable_torch_params(text_encoder),
-              "ae": list(ae.parameters())}
-    optimizer = torch.optim.AdamW(
-        [{"params": groups[name], "lr": lr, "weight_decay": wd} for name, (lr, wd) in OPTIMIZER.items()],
-        betas=(ADAM["b1"], ADAM["b2"]), eps=ADAM["eps"])
-    params = [p for group in groups.values() for p in group]
     sched = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_start=0.00085, beta_end=0.012,
                           beta_schedule="scaled_linear", prediction_type=PREDICTION_TYPE)
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=preset["dtype"] == "bfloat16")
-    kernel = gaussian_kernel_2d(config.kernel_size, config.sigma).to(dev)
-    x0 = torch.from_numpy(batch["latents"].transpose(0, 3, 1, 2).copy()).to(dev)
-    ids = torch.from_numpy(batch["input_ids"]["text_encoder"]).long().to(dev)
-    noun_weights = torch.from_numpy(batch["noun_weights"]).to(dev)
-    token_mask = torch.from_numpy(batch["token_mask"]).to(dev)
-    r = preset["resolution"]
+    x0, ids, r = batch_t["latents"], batch_t["input_ids"]["text_encoder"], preset["resolution"]
 
-    def maps() -> torch.Tensor:  # layer mean of the head-mean maps: [B, r, r, T] float32
-        m = torch.stack(store).float().mean(0)
-        store.clear()
-        return m.reshape(m.shape[0], r, r, m.shape[-1])
-
-    def step(noise: torch.Tensor | None = None, t_stu: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        optimizer.zero_grad(set_to_none=True)
+    def forward(noise=None, t_stu=None):
         noise = torch.randn_like(x0) if noise is None else noise
         if t_stu is None:
-            t_stu = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), device=dev)
+            t_stu = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), device=x0.device)
         t_tea = torch.zeros_like(t_stu)  # SD 2.1: the teacher timestep is 0 (SPEC §3)
+        context = text_encoder(ids).last_hidden_state
+        with torch.no_grad():
+            unet(sched.add_noise(x0, noise, t_tea), t_tea, context)
+        teacher = take_maps(store, r)
+        pred = unet(sched.add_noise(x0, noise, t_stu), t_stu, context).sample
+        return {"pred": pred, "target": sched.get_velocity(x0, noise, t_stu), "student": take_maps(store, r),
+                "teacher": teacher, "t_stu": t_stu, "t_tea": t_tea}
+
+    return forward, captured
+
+
+def sd3_forward(models, batch_t, preset, config):
+    """SD3: `(forward(noise=None, t_stu=None, sigma_stu=None) -> outputs, captured block names)`.
+    CLIP-L/G penultimate states concatenated, zero-padded to the T5 width, then the T5 stream;
+    pooled = the two projections (`text.encode_prompts`); flow matching with logit-normal t_stu
+    (diffusers' SD3 scripts), the fixed teacher timestep; maps of every joint block."""
+    transformer, te1, te2 = models["transformer"], models["text_encoder"], models["text_encoder_2"]
+    store: list[torch.Tensor] = []
+    transformer.set_attn_processor(JointProbsProcessor(store, detach=False))
+    captured = list(transformer.attn_processors)
+    num_t = config.num_train_timesteps
+    schedule = {k: torch.from_numpy(np.array(v)).to(torch_device())
+                for k, v in schedules.flow_match_schedule(num_t, SD3_SHIFT).items()}
+    t_tea_value = config.teacher_t if config.teacher_t is not None else ctcal.teacher_timestep(
+        "logit_normal", SD3_SHIFT, num_train_timesteps=num_t)
+    x0, t5, r = batch_t["latents"], batch_t["t5_embeds"], preset["resolution"]
+    ids1, ids2 = batch_t["input_ids"]["text_encoder"], batch_t["input_ids"]["text_encoder_2"]
+
+    def encode():
+        hidden, pooled = [], []
+        for te, ids in ((te1, ids1), (te2, ids2)):
+            out = te(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(hidden, -1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5.to(clip.dtype)], 1), torch.cat(pooled, -1)
+
+    def forward(noise=None, t_stu=None, sigma_stu=None):
+        noise = torch.randn_like(x0) if noise is None else noise
+        if t_stu is None:  # logit-normal indices into the shifted schedule
+            idx = (torch.sigmoid(torch.randn(x0.shape[0], device=x0.device)) * num_t).long().clamp(max=num_t - 1)
+            t_stu, sigma_stu = schedule["timesteps"][idx], schedule["sigmas"][idx]
+        t_tea = torch.full_like(t_stu, t_tea_value)
+        context, pooled = encode()
+
+        def denoise(t, sigma):
+            s = sigma.reshape(-1, 1, 1, 1).to(x0.dtype)
+            return transformer(hidden_states=(1 - s) * x0 + s * noise, encoder_hidden_states=context,
+                               pooled_projections=pooled, timestep=t).sample
+
+        with torch.no_grad():
+            denoise(t_tea, t_tea / num_t)
+        teacher = take_maps(store, r)
+        pred = denoise(t_stu, sigma_stu)
+        return {"pred": pred, "target": noise - x0, "student": take_maps(store, r), "teacher": teacher,
+                "t_stu": t_stu, "t_tea": t_tea}
+
+    return forward, captured
+
+
+def make_torch_step(family: str, models: dict[str, Any], ae, batch: dict[str, np.ndarray], preset: dict[str, Any]):
+    """`step(noise=None, t_stu=None[, sigma_stu=None]) -> metrics` (tensors, not read back): one CTCAL
+    step in PyTorch, the metrics named as the JAX step's (`<stream>/…` with two streams)."""
+    dev = torch_device()
+    config = ctcal_config(family)
+    batch_t = jax.tree.map(lambda x: torch.from_numpy(np.asarray(x).copy()).to(dev), batch)
+    batch_t["latents"] = batch_t["latents"].permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW
+    batch_t["input_ids"] = {k: v.long() for k, v in batch_t["input_ids"].items()}
+    forward, captured = (sd2_forward if family == "sd2" else sd3_forward)(models, batch_t, preset, config)
+    groups = {name: (list(ae.parameters()) if name == "ae" else trainable_torch_params(models[name]))
+              for name in optimizer_groups(family)}
+    optimizer = torch.optim.AdamW(
+        [{"params": groups[name], "lr": lr, "weight_decay": wd} for name, (lr, wd) in optimizer_groups(family).items()],
+        betas=(ADAM["b1"], ADAM["b2"]), eps=ADAM["eps"])
+    params = [p for group in groups.values() for p in group]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=preset["dtype"] == "bfloat16")
+    kernel = gaussian_kernel_2d(config.kernel_size, config.sigma).to(dev)
+    streams = STREAMS[family]
+
+    def step(**draws) -> dict[str, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
         with autocast:
-            context = text_encoder(ids).last_hidden_state
-            with torch.no_grad():
-                unet(sched.add_noise(x0, noise, t_tea), t_tea, context)
-            teacher = maps()
-            pred = unet(sched.add_noise(x0, noise, t_stu), t_stu, context).sample
-            student = maps()
-        diffusion = ((pred.float() - sched.get_velocity(x0, noise, t_stu)) ** 2).flatten(1).mean(1)
-        per_sample, terms = torch_ctcal_terms(student, teacher, noun_weights, token_mask, ae, config, kernel)
-        weighted = (t_stu.float() / config.num_train_timesteps * per_sample).mean()
-        loss = diffusion.mean() + weighted
+            out = forward(**draws)
+        diffusion = ((out["pred"].float() - out["target"].float()) ** 2).flatten(1).mean(1)
+        loss, metrics = diffusion.mean(), {"diffusion": diffusion.mean()}
+        for name, (tokens, weights_key, mask_key) in streams.items():
+            part, m = torch_ctcal_part(out["student"][..., tokens], out["teacher"][..., tokens], batch_t[weights_key],
+                                       batch_t[mask_key], ae, config, kernel, out["t_stu"], out["t_tea"])
+            loss = loss + part / len(streams)
+            prefix = "" if len(streams) == 1 else f"{name}/"
+            metrics.update({prefix + k: v for k, v in m.items()})
         loss.backward()
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         optimizer.step()
         torch_sync()
-        return {"loss": loss, "diffusion": diffusion.mean(), **{f"ctcal_{k}": v.mean() for k, v in terms.items()},
-                "ctcal": per_sample.mean(), "ctcal_weighted": weighted, "grad_norm": grad_norm}
+        return {"loss": loss, **metrics, "grad_norm": grad_norm}
 
     step.captured_layers = captured
     return step
 
 
-def loss_check(ae_params: Any, ae: TorchMapAutoencoder, batch: dict[str, np.ndarray], resolution: int,
+def loss_check(family: str, ae_params: Any, ae: TorchMapAutoencoder, batch: dict[str, np.ndarray], resolution: int,
                seed: int = 0) -> dict[str, dict[str, float]]:
     """Both CTCAL loss implementations on the same peaked random maps (softmax over the tokens of
     3·N(0, 1) logits plus a per-token 3·N(0, 1) bias, so some nouns draw much more attention than
     others), where every term is non-zero, the balance regulariser included (at step 0 the random
-    models' maps are too flat to pass its margin τ)."""
-    config = ctcal.default_config("sd2")
-    b, t = batch["token_mask"].shape
+    models' maps are too flat to pass its margin τ). SD3: its CLIP stream's tokens."""
+    config = ctcal_config(family)
+    _, weights_key, mask_key = next(iter(STREAMS[family].values()))
+    noun_weights, token_mask = batch[weights_key], batch[mask_key]
+    b, t = token_mask.shape
     normal = np.random.default_rng(seed).standard_normal
     logits = (3 * normal((2, b, resolution, resolution, t)) + 3 * normal((2, b, 1, 1, t))).astype(np.float32)
     maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    _, jax_terms = ctcal.ctcal_terms(maps[0], maps[1], batch["noun_weights"], batch["token_mask"], ae_params, config)
+    _, jax_terms = ctcal.ctcal_terms(maps[0], maps[1], noun_weights, token_mask, ae_params, config)
     dev = torch_device()
-    tensors = [torch.from_numpy(x).to(dev) for x in (maps[0], maps[1], batch["noun_weights"], batch["token_mask"])]
+    tensors = [torch.from_numpy(x).to(dev) for x in (maps[0], maps[1], noun_weights, token_mask)]
     kernel = gaussian_kernel_2d(config.kernel_size, config.sigma).to(dev)
     with torch.no_grad():
         _, torch_terms = torch_ctcal_terms(*tensors, ae, config, kernel)
@@ -446,32 +638,43 @@ def unit_scale_init(model, seed: int):
     return model
 
 
-def build_models(preset: dict[str, Any]):
-    """The PyTorch UNet and CLIP text encoder with random weights (fp32, CPU) and their ctcal_jax twins."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_models(family: str, preset: dict[str, Any]):
+    """The PyTorch denoiser and text encoders with random weights (fp32, CPU) and their ctcal_jax
+    twins: `({name: torch model}, {name: Flax module}, {name: Flax params})`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
-    unet = unit_scale_init(UNet2DConditionModel(**preset["unet"]), seed=0)
-    text = unit_scale_init(CLIPTextModel(CLIPTextConfig(**preset["clip"])), seed=1)
+    if family == "sd2":
+        from diffusers import UNet2DConditionModel
+
+        models = {"unet": (UNet2DConditionModel(**preset["unet"]), "unet"),
+                  "text_encoder": (CLIPTextModel(CLIPTextConfig(**preset["clip"])), "clip")}
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        models = {"transformer": (SD3Transformer2DModel(**preset["transformer"]), "mmdit"),
+                  "text_encoder": (CLIPTextModelWithProjection(CLIPTextConfig(**preset["clip"])), "clip"),
+                  "text_encoder_2": (CLIPTextModelWithProjection(CLIPTextConfig(**preset["clip_2"])), "clip")}
     dtype = jnp.dtype(preset["dtype"])
-    unet_module, unet_params = jax_params(unet, "unet", dtype)
-    text_module, text_params = jax_params(text, "clip", dtype)
-    return (unet, text), (unet_module, text_module), {"unet": unet_params, "text_encoder": text_params}
+    torch_models, modules, frozen = {}, {}, {}
+    for seed, (name, (model, conversion)) in enumerate(models.items()):
+        torch_models[name] = unit_scale_init(model, seed=seed)
+        modules[name], frozen[name] = jax_params(model, conversion, dtype)
+    return torch_models, modules, frozen
 
 
-def to_torch_side(unet, text, trainable: dict[str, Any], preset: dict[str, Any]):
+def to_torch_side(family: str, models: dict[str, Any], trainable: dict[str, Any], preset: dict[str, Any]):
     """Move the PyTorch models to the device (frozen weights in the preset's dtype), add the LoRA and
-    build the autoencoder, all holding the JAX side's initial values. Returns (unet, text, ae, counts)."""
+    build the autoencoder, all holding the JAX side's initial values. Returns (models, ae, counts)."""
     tdtype = getattr(torch, preset["dtype"])
-    unet, text = to_torch_device(unet, tdtype).train(), to_torch_device(text, tdtype).train()
-    for m in (unet, text):
+    models = {name: to_torch_device(m, tdtype).train() for name, m in models.items()}
+    counts = {}
+    for name, m in models.items():
         m.requires_grad_(False)
-    counts = {"unet": add_torch_lora(unet, trainable["unet"], ["to_q", "to_k", "to_v", "to_out.0"]),
-              "text_encoder": add_torch_lora(text, trainable["text_encoder"],
-                                             ["q_proj", "k_proj", "v_proj", "out_proj"])}
+        targets = TORCH_DENOISER_LORA if name == DENOISER[family] else TORCH_TEXT_LORA
+        counts[name] = add_torch_lora(m, trainable[name], targets)
     ae = torch_autoencoder(trainable["ae"], preset["resolution"]).to(torch_device())
-    return unet, text, ae, counts
+    return models, ae, counts
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -502,9 +705,9 @@ def compare(jax_m: dict[str, Any], torch_m: dict[str, Any]) -> dict[str, dict[st
 
 def print_comparison(title: str, table: dict[str, dict[str, float]]) -> None:
     print(f"\n{title}")
-    print(f"{'metric':18s} {'ctcal_jax':>13s} {'PyTorch':>13s} {'rel. diff':>10s}")
+    print(f"{'metric':22s} {'ctcal_jax':>13s} {'PyTorch':>13s} {'rel. diff':>10s}")
     for k, v in table.items():
-        print(f"{k:18s} {v['jax']:13.6g} {v['torch']:13.6g} {v['rel_diff']:10.2e}")
+        print(f"{k:22s} {v['jax']:13.6g} {v['torch']:13.6g} {v['rel_diff']:10.2e}")
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -526,6 +729,7 @@ def print_report(results: dict[str, Any]) -> None:
     print(f"FLOPs per step {_fmt(r['flops_per_step'], '.4g')} ({r['flops_method']}); "
           f"JAX first step (compilation) {r['jax_first_step_s']:.1f} s")
     print_comparison("Step 0, same weights, noise and timesteps:", r["step0"])
+    print("step-0 timesteps: " + ", ".join(f"{k} {np.round(v, 1).tolist()}" for k, v in r["step0_timesteps"].items()))
     print_comparison("CTCAL terms alone, same peaked random maps and autoencoder:", r["loss_check"])
 
 
@@ -534,18 +738,19 @@ def print_report(results: dict[str, Any]) -> None:
 
 def setup(preset: dict[str, Any]) -> SimpleNamespace:
     """Both sides from the same weights, and the checks that must run before either side updates."""
-    torch_models, (unet_module, text_module), frozen = build_models(preset)
-    trainable = jax_trainable(frozen, preset["resolution"])
-    unet_t, text_t, ae_t, lora_counts = to_torch_side(*torch_models, trainable, preset)
+    family = preset["family"]
+    torch_models, modules, frozen = build_models(family, preset)
+    trainable = jax_trainable(family, frozen, preset["resolution"])
+    models_t, ae_t, lora_counts = to_torch_side(family, torch_models, trainable, preset)
     del torch_models
-    batch = make_batch(preset["batch"], preset["latent"])
-    torch_step = make_torch_step(unet_t, text_t, ae_t, batch, preset)
-    checks = {"loss_check": loss_check(trainable["ae"], ae_t, batch, preset["resolution"])}
-    step, state, optimizer = build_jax_step(unet_module, text_module, frozen, trainable, preset["resolution"])
-    batch_j, rng = jax.tree.map(jnp.asarray, batch), jax.random.key(1)
-    flops = step_flops(unet_module, text_module, preset["resolution"], optimizer, frozen, state, batch_j, rng)
-    return SimpleNamespace(torch_step=torch_step, jax_step=step, state=state, batch=batch, batch_j=batch_j, rng=rng,
-                           flops=flops, checks=checks, lora_counts=lora_counts)
+    batch = make_batch(preset)
+    torch_step = make_torch_step(family, models_t, ae_t, batch, preset)
+    checks = {"loss_check": loss_check(family, trainable["ae"], ae_t, batch, preset["resolution"])}
+    step, state, optimizer = build_jax_step(family, modules, frozen, trainable, preset)
+    batch_j, rng = jax.tree.map(jnp.asarray, batch), jax.random.key(preset.get("rng_seed", 1))
+    flops = step_flops(family, modules, preset, optimizer, frozen, state, batch_j, rng)
+    return SimpleNamespace(family=family, torch_step=torch_step, jax_step=step, state=state, batch=batch,
+                           batch_j=batch_j, rng=rng, flops=flops, checks=checks, lora_counts=lora_counts)
 
 
 def run_jax(s: SimpleNamespace) -> dict[str, jax.Array]:
@@ -560,10 +765,14 @@ def step0(s: SimpleNamespace) -> float:
     start = time.perf_counter()
     jax_m = jax.device_get(run_jax(s))
     compile_s = time.perf_counter() - start
-    noise, t_stu = jax_step0_draws(s.rng, s.batch["latents"].shape[0], s.batch["latents"].shape[1:])
+    draws = jax_step0_draws(s.family, s.rng, s.batch["latents"].shape[0], s.batch["latents"].shape[1:])
     dev = torch_device()
-    torch_m = s.torch_step(torch.from_numpy(noise.transpose(0, 3, 1, 2).copy()).to(dev),
-                           torch.from_numpy(t_stu.copy()).long().to(dev))
+    draws["noise"] = draws["noise"].transpose(0, 3, 1, 2)
+    if s.family == "sd2":
+        draws["t_stu"] = draws["t_stu"].astype(np.int64)
+    s.checks["step0_timesteps"] = {k: draws[k].tolist() for k in ("t_stu", "t_tea") if k in draws}
+    draws.pop("t_tea", None)  # the torch step sets its own (fixed) teacher timestep
+    torch_m = s.torch_step(**{k: torch.from_numpy(v.copy()).to(dev) for k, v in draws.items()})
     s.checks["step0"] = compare(jax_m, torch_m)
     return compile_s
 
@@ -587,7 +796,8 @@ def summarise(s: SimpleNamespace, preset: dict[str, Any], times: dict[str, list[
         "torch_mfu": None if peak is None else per_s("torch", peak),
         **s.checks,
         "lora_modules": s.lora_counts, "captured_torch_layers": s.torch_step.captured_layers,
-        "config": {k: preset[k] for k in ("latent", "resolution", "unet", "clip")},
+        "config": {k: preset[k] for k in ("family", "latent", "resolution", "unet", "transformer", "clip", "clip_2")
+                   if k in preset},
     }
 
 
@@ -609,8 +819,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU (default: table)")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
-    if "not_yet" in preset:
-        parser.error(f"--preset {args.preset}: not yet: {preset['not_yet']}")
     preset["batch"] = args.batch or preset["batch"]
     device = {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     results = {"preset": args.preset, "device": device,

@@ -66,10 +66,11 @@ class JointProbsProcessor:
     """diffusers' `JointAttnProcessor2_0` with the softmax formed explicitly (the official TACA /
     gsn-factory pattern): image-query × text-key logits multiplied by `gamma` (a scalar or one value
     per sample) when set, and the head-mean probabilities of that block (`[B, L_img, T]` tensors)
-    appended to `store` when one is given."""
+    appended to `store` when one is given (detached, unless `detach=False`: the train-step benchmark
+    differentiates through them)."""
 
-    def __init__(self, store: list | None = None, gamma=None):
-        self.store, self.gamma = store, gamma
+    def __init__(self, store: list | None = None, gamma=None, detach: bool = True):
+        self.store, self.gamma, self.detach = store, gamma, detach
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         import torch
@@ -91,7 +92,8 @@ class JointProbsProcessor:
             logits[:, :, :n_img, n_img:] = logits[:, :, :n_img, n_img:] * gamma
         probs = logits.softmax(-1)
         if self.store is not None:
-            self.store.append(probs[:, :, :n_img, n_img:].mean(1).detach())
+            block = probs[:, :, :n_img, n_img:].mean(1)
+            self.store.append(block.detach() if self.detach else block)
         out = (probs @ v).transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
         img, txt = attn.to_out[0](out[:, :n_img]), out[:, n_img:]
         return img, (txt if attn.context_pre_only else attn.to_add_out(txt))
