@@ -64,7 +64,6 @@ Output: a table (speed-up JAX / PyTorch is the headline), the step-0 comparison,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -256,15 +255,9 @@ def jax_optimizer(family: str, trainable: dict[str, Any]):
 
 
 def ctcal_config(family: str) -> ctcal.CTCALConfig:
-    """SPEC defaults; SD3's teacher is the fixed logit-normal priority timestep (570.6 at shift 3),
-    computed here, outside jit, and set as `teacher_t`: the same value `ctcal.teacher_timesteps`
-    would compute, but `teacher_timestep` cannot run under jit with jax 0.10 (its `flow_match_schedule`
-    arrays are traced there: TracerArrayConversionError)."""
-    config = ctcal.default_config(family)
-    if family == "sd3" and config.teacher_t is None:
-        config = dataclasses.replace(config, teacher_t=ctcal.teacher_timestep(
-            "logit_normal", SD3_SHIFT, num_train_timesteps=config.num_train_timesteps))
-    return config
+    """SPEC defaults (SD3's fixed teacher timestep, 570.6 at shift 3, is resolved by the family on the
+    JAX side and by `teacher_timestep` on the torch side)."""
+    return ctcal.default_config(family)
 
 
 def jax_family(family: str, modules: dict[str, Any], preset: dict[str, Any], explicit: bool = False):
