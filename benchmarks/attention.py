@@ -133,17 +133,23 @@ def _entry(medians: dict[str, float]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ UNet
 
 
+def _both_sides(torch_cls, spec: dict, family: str, dtype_name: str, implementation: str):
+    """The PyTorch model with seeded random weights (on its device, in `dtype_name`) and our Flax
+    module + params converted from the same weights: `(ref, module, params)`."""
+    import torch
+
+    torch.manual_seed(0)
+    ref = torch_cls(**spec["config"]).eval()
+    module, params = jax_params(ref, family, jnp.dtype(dtype_name))
+    return to_torch_device(ref, getattr(torch, dtype_name)), module.clone(implementation=implementation), params
+
+
 def bench_unet(spec: dict, batch: int, dtype_name: str, runs: int, implementation: str) -> dict[str, Any]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    ref = UNet2DConditionModel(**spec["config"]).eval()
-    dtype = jnp.dtype(dtype_name)
-    module, params = jax_params(ref, "unet", dtype)
-    module = module.clone(implementation=implementation)
-    tdtype = getattr(torch, dtype_name)
-    ref = to_torch_device(ref, tdtype)
+    ref, module, params = _both_sides(UNet2DConditionModel, spec, "unet", dtype_name, implementation)
+    dtype, tdtype = jnp.dtype(dtype_name), getattr(torch, dtype_name)
 
     rng = np.random.default_rng(0)
     lat, ctx_dim = spec["latent"], spec["config"]["cross_attention_dim"]
@@ -182,13 +188,8 @@ def bench_mmdit(spec: dict, batch: int, dtype_name: str, runs: int, implementati
     import torch
     from diffusers import SD3Transformer2DModel
 
-    torch.manual_seed(0)
-    ref = SD3Transformer2DModel(**spec["config"]).eval()
-    dtype = jnp.dtype(dtype_name)
-    module, params = jax_params(ref, "mmdit", dtype)
-    module = module.clone(implementation=implementation)
-    tdtype = getattr(torch, dtype_name)
-    ref = to_torch_device(ref, tdtype)
+    ref, module, params = _both_sides(SD3Transformer2DModel, spec, "mmdit", dtype_name, implementation)
+    dtype, tdtype = jnp.dtype(dtype_name), getattr(torch, dtype_name)
 
     cfg = spec["config"]
     rng = np.random.default_rng(0)
