@@ -311,7 +311,9 @@ def teacher_timestep(
         return 0.0
     if sampler != "logit_normal":
         raise ValueError(f"sampler={sampler!r}: expected 'uniform' or 'logit_normal'")
-    t = np.asarray(schedules.flow_match_schedule(num_train_timesteps, shift)["timesteps"], np.float64)
+    # Host numpy only, so this also runs while a step is being traced.
+    sigmas = schedules.flow_match_sigmas(num_train_timesteps, shift)
+    t = (sigmas * np.float32(num_train_timesteps)).astype(np.float64)
     priority = schedules.logit_normal_probs(num_train_timesteps, mean, std) / t
     return float(t[np.argmax(priority)])
 

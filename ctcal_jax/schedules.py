@@ -86,12 +86,17 @@ def uniform_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int = 100
 # (timestep T); timesteps decrease with k, as `scheduler.timesteps` does.
 
 
+def flow_match_sigmas(num_train_timesteps: int = 1000, shift: float = 1.0) -> np.ndarray:
+    """The shifted training sigmas `[T]` as a host numpy float32 array (usable while tracing)."""
+    t = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
+    sigmas = t / np.float32(num_train_timesteps)
+    return np.float32(shift) * sigmas / (1 + np.float32(shift - 1) * sigmas)
+
+
 def flow_match_schedule(num_train_timesteps: int = 1000, shift: float = 1.0) -> Schedule:
     """`timesteps` and `sigmas` `[T]` float32: the training schedule diffusers builds in
     `FlowMatchEulerDiscreteScheduler.__init__` (static `shift`, no dynamic shifting)."""
-    t = np.linspace(1, num_train_timesteps, num_train_timesteps, dtype=np.float32)[::-1]
-    sigmas = t / np.float32(num_train_timesteps)
-    sigmas = np.float32(shift) * sigmas / (1 + np.float32(shift - 1) * sigmas)
+    sigmas = flow_match_sigmas(num_train_timesteps, shift)
     return {"timesteps": jnp.asarray(sigmas * np.float32(num_train_timesteps)), "sigmas": jnp.asarray(sigmas)}
 
 

@@ -406,3 +406,11 @@ def test_teacher_timesteps_modes():
                                               sampler="logit_normal"))
     assert cont.dtype == np.float32 and cont.min() >= 0 and cont.max() < 800
     np.testing.assert_allclose(cont.mean(), 400, rtol=0.01)
+
+
+def test_priority_teacher_timesteps_trace_under_jit():
+    """The fixed teacher is computed on the host even while a step is traced (no config value)."""
+    config = ctcal.default_config("sd3")
+    t = jax.jit(lambda r, s: ctcal.teacher_timesteps(r, s, config, "logit_normal", 3.0))(
+        jax.random.key(0), jnp.array([800.0, 100.0]))
+    np.testing.assert_allclose(t, ctcal.teacher_timestep("logit_normal", shift=3.0), rtol=1e-6)
