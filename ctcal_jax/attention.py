@@ -157,20 +157,94 @@ def _fused_with_maps_bwd(scale, rows, keys, res, cotangents):
 _fused_with_maps.defvjp(_fused_with_maps_fwd, _fused_with_maps_bwd)
 
 
-def _explicit(q, k, v, scale, logit_mult=None, bias=None, is_causal: bool = False):
-    """Softmax attention with the probability matrix formed; returns (out, probs `[B, N, L, S]`)."""
-    logits = jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * scale
-    if logit_mult is not None:
-        logits = logits * logit_mult
+Block = tuple[tuple[int, int], tuple[int, int]]  # (query rows, key columns) of a map block
+
+
+def _scaled_logits(q, k, scale: float) -> jax.Array:
+    """`s · q kᵀ` in float32: `[B, N, L, S]`."""
+    return jnp.einsum("blnd,bsnd->bnls", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def _explicit_logits(logits, mult, bias, is_causal: bool) -> jax.Array:
+    """The scaled logits `× mult`, `+ bias`, with the causal mask."""
+    if mult is not None:
+        logits = logits * mult
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if is_causal:
         length, keys = logits.shape[-2:]
         logits = jnp.where(jnp.tril(jnp.ones((length, keys), bool)), logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    return logits
+
+
+def _weighted_values(probs: jax.Array, v: jax.Array) -> jax.Array:
     # The weighted sum of values stays in float32, as flash kernels accumulate it.
-    out = jnp.einsum("bnls,bsnd->blnd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
-    return out, probs
+    return jnp.einsum("bnls,bsnd->blnd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def _block_maps(probs: jax.Array, block: Block | None) -> jax.Array | None:
+    """Head-mean probabilities of a (rows, columns) block: `[B, L_r, S_c]`."""
+    if block is None:
+        return None
+    (r0, r1), (c0, c1) = block
+    return probs[:, :, r0:r1, c0:c1].mean(axis=1)
+
+
+def _sum_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum `x` over the axes broadcasting expanded to reach its shape from `shape`."""
+    x = x.sum(axis=tuple(range(x.ndim - len(shape))))
+    return x.sum(axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1), keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _explicit(q, k, v, mult, bias, scale: float, is_causal: bool, block: Block | None):
+    """Softmax attention with the probability matrix formed: (out, head-mean maps of `block` or None).
+
+    `mult` (broadcastable to `[B, N, L, S]`) multiplies the scaled logits (TACA), `bias` is added.
+    The backward pass is written out, as flash attention's is: the softmax's row term is
+    `rowsum(dO ⊙ O)`, taken on the `[L, D]` side. Autodiff of the same formula takes it, and the
+    scaling, on the `[B, N, L, S]` matrices, two more passes over them; on XLA:CPU that made a
+    1024-token layer's forward+backward ~2× slower. The probabilities are kept, not recomputed,
+    so the step's FLOPs stay the model's.
+    """
+    probs = jax.nn.softmax(_explicit_logits(_scaled_logits(q, k, scale), mult, bias, is_causal), axis=-1)
+    return _weighted_values(probs, v), _block_maps(probs, block)
+
+
+def _explicit_fwd(q, k, v, mult, bias, scale, is_causal, block):
+    scaled = _scaled_logits(q, k, scale)
+    logits = _explicit_logits(scaled, mult, bias, is_causal)
+    probs = jnp.exp(logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+    out = _weighted_values(probs, v)
+    residuals = (q, k, v, mult, bias, probs, out, None if mult is None else scaled)
+    return (out, _block_maps(probs, block)), residuals
+
+
+def _explicit_bwd(scale, is_causal, block, res, cotangents):
+    q, k, v, mult, bias, probs, out, scaled = res  # probs [B, N, L, S]
+    g_out, g_maps = cotangents
+    f32 = jnp.float32
+    g_out = g_out.astype(f32)
+    dv = jnp.einsum("bnls,blnd->bsnd", probs, g_out).astype(v.dtype)
+    d_probs = jnp.einsum("blnd,bsnd->bnls", g_out, v, preferred_element_type=f32)
+    row = jnp.einsum("blnd,blnd->bnl", g_out, out.astype(f32))  # Σ_s P·dP, from the [L, D] side
+    if block is not None:  # the maps' head mean feeds every head's probabilities of the block
+        (r0, r1), (c0, c1) = block
+        g_block = g_maps.astype(f32) / q.shape[2]  # [B, L_r, S_c]
+        row = row.at[:, :, r0:r1].add(jnp.einsum("bnlt,blt->bnl", probs[:, :, r0:r1, c0:c1], g_block))
+        d_probs = d_probs.at[:, :, r0:r1, c0:c1].add(g_block[:, None])
+    d_logits = probs * (d_probs - row[..., None])
+    d_bias = None if bias is None else _sum_to(d_logits, bias.shape).astype(bias.dtype)
+    d_mult = None
+    if mult is not None:
+        d_mult = _sum_to(d_logits * scaled, jnp.shape(mult)).astype(mult.dtype)
+        d_logits = d_logits * mult
+    dq = scale * jnp.einsum("bnls,bsnd->blnd", d_logits, k, preferred_element_type=f32)
+    dk = scale * jnp.einsum("bnls,blnd->bsnd", d_logits, q, preferred_element_type=f32)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv, d_mult, d_bias
+
+
+_explicit.defvjp(_explicit_fwd, _explicit_bwd)
 
 
 def attention(
@@ -196,8 +270,8 @@ def attention(
     if capture and (bias is not None or is_causal):
         raise ValueError("attention: capture=True does not support bias or is_causal")
     if implementation == "explicit":
-        out, probs = _explicit(q, k, v, scale, bias=bias, is_causal=is_causal)
-        return out, (probs.mean(axis=1) if capture else None)
+        block = ((0, q.shape[1]), (0, k.shape[1])) if capture else None
+        return _explicit(q, k, v, None, bias, scale, is_causal, block)
     if capture:
         return _fused_with_maps(q, k, v, scale, (0, q.shape[1]), (0, k.shape[1]))
     return _fused(q, k, v, scale, bias=bias, is_causal=is_causal)
@@ -242,8 +316,8 @@ def joint_attention(
             block = ((~is_txt)[:, None] & is_txt[None, :]).astype(np.float32)  # [L, S]
             g = jnp.asarray(gamma, jnp.float32)[:, None, None, None]
             mult = 1.0 + (g - 1.0) * block  # [B, 1, L, S]
-        out, probs = _explicit(q, k, v, scale, mult)
-        return out, (probs[:, :, img, txt].mean(axis=1) if capture else None)
+        block = ((img.start, img.stop), (txt.start, txt.stop)) if capture else None
+        return _explicit(q, k, v, mult, None, scale, False, block)
 
     if gamma is None:
         if capture:
