@@ -31,8 +31,9 @@ The SD3 step (`cpu-small-sd3`, `sd3m-1024`; `families.mmdit` on the JAX side), i
   stream (CLIP 77, T5 256 tokens) with its own nouns, averaged over the two, SD3's λ (0.01, 1, 0.01, 0)
   and 5×5 smoothing; a sample with t_tea ≥ t_stu gets no CTCAL term; same optimizer groups.
 
-ctcal_jax: `train_step.make_train_step` with `families.unet.make_family` on one device (fused
-attention, maps rebuilt from its log-sum-exp). PyTorch: diffusers `UNet2DConditionModel` and
+ctcal_jax: `train_step.make_train_step` with `families.unet.make_family` (SD3:
+`families.mmdit.make_family`) on one device, attention `"auto"`: the fused kernel with maps rebuilt
+from its log-sum-exp on GPU/TPU, the explicit path with its written-out backward on CPU. PyTorch: diffusers `UNet2DConditionModel` and
 transformers `CLIPTextModel` with peft LoRA (`add_adapter`), default SDPA attention except the
 captured 16×16 `attn2` layers, which get an Attend-and-Excite processor forming the softmax
 explicitly; the CTCAL losses written in torch (batched, no Python loop over nouns); `torch.optim.AdamW`.
