@@ -65,6 +65,7 @@ Output: a table (speed-up JAX / PyTorch is the headline), the step-0 comparison,
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -632,29 +633,68 @@ def unit_scale_init(model, seed: int):
     return model
 
 
+def components(preset: dict[str, Any]) -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """Per frozen-tree name: (PyTorch class, conversion family, the preset's config)."""
+    if preset["family"] == "sd2":
+        return {"unet": ("UNet2DConditionModel", "unet", preset["unet"]),
+                "text_encoder": ("CLIPTextModel", "clip", preset["clip"])}
+    return {"transformer": ("SD3Transformer2DModel", "mmdit", preset["transformer"]),
+            "text_encoder": ("CLIPTextModelWithProjection", "clip", preset["clip"]),
+            "text_encoder_2": ("CLIPTextModelWithProjection", "clip", preset["clip_2"])}
+
+
 def build_models(family: str, preset: dict[str, Any]):
     """The PyTorch denoiser and text encoders with random weights (fp32, CPU) and their ctcal_jax
     twins: `({name: torch model}, {name: Flax module}, {name: Flax params})`."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import diffusers
+    import transformers
 
     torch.manual_seed(0)
-    if family == "sd2":
-        from diffusers import UNet2DConditionModel
-
-        models = {"unet": (UNet2DConditionModel(**preset["unet"]), "unet"),
-                  "text_encoder": (CLIPTextModel(CLIPTextConfig(**preset["clip"])), "clip")}
-    else:
-        from diffusers import SD3Transformer2DModel
-
-        models = {"transformer": (SD3Transformer2DModel(**preset["transformer"]), "mmdit"),
-                  "text_encoder": (CLIPTextModelWithProjection(CLIPTextConfig(**preset["clip"])), "clip"),
-                  "text_encoder_2": (CLIPTextModelWithProjection(CLIPTextConfig(**preset["clip_2"])), "clip")}
     dtype = jnp.dtype(preset["dtype"])
     torch_models, modules, frozen = {}, {}, {}
-    for seed, (name, (model, conversion)) in enumerate(models.items()):
+    for seed, (name, (cls, conversion, config)) in enumerate(components(preset).items()):
+        if cls.startswith("CLIP"):
+            model = getattr(transformers, cls)(transformers.CLIPTextConfig(**config))
+        else:
+            model = getattr(diffusers, cls)(**config)
         torch_models[name] = unit_scale_init(model, seed=seed)
         modules[name], frozen[name] = jax_params(model, conversion, dtype)
     return torch_models, modules, frozen
+
+
+def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
+    """The JAX step at the preset's full size with abstract weights: no weights, no PyTorch model,
+    no compilation, so a CPU can check a GPU preset before a GPU is rented. Traces the whole step
+    (`jax.eval_shape`; any shape or dtype error surfaces here) and counts its model FLOPs the way the
+    timed run does. Returns parameter counts, the step's metric names and FLOPs per step."""
+    family, dtype = preset["family"], jnp.dtype(preset["dtype"])
+    modules, frozen = {}, {}
+    for name, (cls, conversion, config) in components(preset).items():
+        fam = importlib.import_module(f"conversion.{conversion}")
+        if conversion == "clip":  # transformers names the class in `architectures`
+            config = {**config, "architectures": [cls]}
+        modules[name] = fam.build(config, dtype=dtype)
+        frozen[name] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                                    fam.abstract_params(modules[name], config))
+    trainable = jax.eval_shape(lambda f: jax_trainable(family, f, preset["resolution"]), frozen)
+    optimizer = jax_optimizer(family, trainable)
+    state = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(preset))
+    rng = jax.random.key(0)
+    new_state, metrics = jax.eval_shape(make_step_fn(jax_family(family, modules, preset), optimizer),
+                                        frozen, state, batch, rng)
+    if jax.tree.structure(new_state) != jax.tree.structure(state) or any(
+            (a.shape, a.dtype) != (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))):
+        raise AssertionError("dry run: the step changes the state's structure, shapes or dtypes")
+
+    def count(tree: Any) -> int:
+        return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+    return {
+        "frozen_params": {k: count(v) for k, v in frozen.items()},
+        "trainable_params": {k: count(v) for k, v in trainable.items()},
+        "metrics": {k: f"{v.dtype}{list(v.shape)}" for k, v in metrics.items()},
+        "flops_per_step": step_flops(family, modules, preset, optimizer, frozen, state, batch, rng),
+    }
 
 
 def to_torch_side(family: str, models: dict[str, Any], trainable: dict[str, Any], preset: dict[str, Any]):
@@ -725,6 +765,17 @@ def print_report(results: dict[str, Any]) -> None:
     print_comparison("Step 0, same weights, noise and timesteps:", r["step0"])
     print("step-0 timesteps: " + ", ".join(f"{k} {np.round(v, 1).tolist()}" for k, v in r["step0_timesteps"].items()))
     print_comparison("CTCAL terms alone, same peaked random maps and autoencoder:", r["loss_check"])
+
+
+def print_dry_run(r: dict[str, Any]) -> None:
+    def millions(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v / 1e6:.4g} M" for k, v in counts.items())
+    print(f"Dry run, preset {r['preset']} ({r['dtype']}, batch {r['batch']}): the step traces at full size.")
+    print(f"frozen parameters:    {millions(r['frozen_params'])}")
+    print(f"trainable parameters: {millions(r['trainable_params'])}")
+    print(f"metrics: {', '.join(f'{k} {v}' for k, v in r['metrics'].items())}")
+    print(f"FLOPs per step {_fmt(r['flops_per_step'], '.4g')} (model FLOPs, explicit attention), "
+          f"per sample {_fmt(r['flops_per_step'] and r['flops_per_step'] / r['batch'], '.4g')}")
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -811,9 +862,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after step 0")
     parser.add_argument("--batch", type=int, help="override the preset's batch size")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU (default: table)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="trace the JAX step at full size with abstract weights and count its FLOPs; "
+                             "nothing is timed, no PyTorch model is built (a CPU check of a GPU preset)")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     preset["batch"] = args.batch or preset["batch"]
+    if args.dry_run:
+        results = {"preset": args.preset, "batch": preset["batch"], "dtype": preset["dtype"], **dry_run(preset)}
+        print_dry_run(results)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+        return results
     device = {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     results = {"preset": args.preset, "device": device,
                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),

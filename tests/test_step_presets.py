@@ -1,0 +1,40 @@
+"""The GPU presets of `benchmarks/ctcal_step.py` at full size on a CPU: the whole SD 2.1 and
+SD3-medium CTCAL steps trace with abstract weights (no weights, no compilation), the Flax models have
+exactly the PyTorch models' parameter counts, and the step's model FLOPs are counted. Slow: about a
+minute each."""
+
+import math
+
+import pytest
+import torch
+
+
+def _torch_param_count(cls: str, config: dict) -> int:
+    """Parameters of the PyTorch model built on the meta device (shapes only, no memory)."""
+    import diffusers
+    import transformers
+
+    with torch.device("meta"):
+        if cls.startswith("CLIP"):
+            model = getattr(transformers, cls)(transformers.CLIPTextConfig(**config))
+        else:
+            model = getattr(diffusers, cls)(**config)
+    return sum(math.prod(p.shape) for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd21-512", "sd3m-1024"])
+def test_gpu_preset_step_traces_at_full_size(name):
+    from benchmarks import ctcal_step  # imported here: the script sets its environment defaults on import
+
+    preset = ctcal_step.PRESETS[name]
+    result = ctcal_step.dry_run(preset)
+    for component, (cls, _, config) in ctcal_step.components(preset).items():
+        assert result["frozen_params"][component] == _torch_param_count(cls, config), component
+    assert all(count > 0 for count in result["trainable_params"].values())
+    assert {"loss", "diffusion", "grad_norm"} <= set(result["metrics"])
+    assert all(spec == "float32[]" for spec in result["metrics"].values())
+    # Per sample: a student forward and backward plus a teacher forward, each ~9 TFLOP (SD3-medium,
+    # 4429 tokens) or ~0.8 TFLOP (SD 2.1 UNet, 64×64 latents): the count must be of that order.
+    per_sample = result["flops_per_step"] / preset["batch"]
+    assert {"sd21-512": 1e12, "sd3m-1024": 1.5e13}[name] < per_sample < {"sd21-512": 5e12, "sd3m-1024": 6e13}[name]
