@@ -33,10 +33,11 @@ The SD3 step (`cpu-small-sd3`, `sd3m-1024`; `families.mmdit` on the JAX side), i
 
 ctcal_jax: `train_step.make_train_step` with `families.unet.make_family` (SD3:
 `families.mmdit.make_family`) on one device, attention `"auto"`: the fused kernel with maps rebuilt
-from its log-sum-exp on GPU/TPU, the explicit path with its written-out backward on CPU. PyTorch: diffusers `UNet2DConditionModel` and
-transformers `CLIPTextModel` with peft LoRA (`add_adapter`), default SDPA attention except the
-captured 16×16 `attn2` layers, which get an Attend-and-Excite processor forming the softmax
-explicitly; the CTCAL losses written in torch (batched, no Python loop over nouns); `torch.optim.AdamW`.
+from its log-sum-exp on GPU/TPU, the explicit path with its written-out backward on CPU.
+PyTorch: diffusers `UNet2DConditionModel` and transformers `CLIPTextModel` with peft LoRA
+(`add_adapter`), default SDPA attention except the captured 16×16 `attn2` layers, which get an
+Attend-and-Excite processor forming the softmax explicitly; the CTCAL losses written in torch
+(batched, no Python loop over nouns); `torch.optim.AdamW`.
 CPU presets run fp32 on both sides; GPU presets run bf16 (JAX: bf16 frozen weights and compute,
 fp32 LoRA/optimizer state; torch: bf16 frozen weights, fp32 LoRA, `torch.autocast(bfloat16)`, as the
 diffusers LoRA training scripts do). PyTorch runs on CUDA when available, else on the CPU.
@@ -778,6 +779,14 @@ def print_dry_run(r: dict[str, Any]) -> None:
           f"per sample {_fmt(r['flops_per_step'] and r['flops_per_step'] / r['batch'], '.4g')}")
 
 
+def write_json(path: Path | None, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` to `path` (when given); returns them."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+    return results
+
+
 # -------------------------------------------------------------------------------------------------- main
 
 
@@ -871,19 +880,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.dry_run:
         results = {"preset": args.preset, "batch": preset["batch"], "dtype": preset["dtype"], **dry_run(preset)}
         print_dry_run(results)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
-        return results
+        return write_json(args.json, results)
     device = {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     results = {"preset": args.preset, "device": device,
                "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
                **run(preset, args.runs or preset["runs"], args.warmup, peak_flops(args.peak_tflops))}
     print_report(results)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-    return results
+    return write_json(args.json, results)
 
 
 if __name__ == "__main__":
