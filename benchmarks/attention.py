@@ -39,19 +39,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin,
+    SD3_MEDIUM, SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin,
     to_torch_device, torch_device, torch_sync,
 )
 from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
 from tests.tiny import JointProbsProcessor  # noqa: E402  (the explicit-softmax SD3 reference)
 
 # ---------------------------------------------------------------------------------------------- presets
-
-SD3M_MMDIT = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=192,
-)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for a laptop CPU in a few minutes, large enough that attention is a real share
@@ -73,12 +67,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "sd21-512": dict(
         dtype="bfloat16", batch=2, runs=20,
         unet=dict(config=SD21_UNET, latent=64, text_len=77, resolution=16),
-        mmdit=dict(config=SD3M_MMDIT, latent=64, text_len=333),
+        mmdit=dict(config=SD3_MEDIUM, latent=64, text_len=333),
     ),
     "sd3m-1024": dict(
         dtype="bfloat16", batch=2, runs=20,
         unet=dict(config=SD21_UNET, latent=64, text_len=77, resolution=16),
-        mmdit=dict(config=SD3M_MMDIT, latent=128, text_len=333),
+        mmdit=dict(config=SD3_MEDIUM, latent=128, text_len=333),
     ),
 }
 TACA_ON = TACA(gamma=1.2, t_threshold=970.0)

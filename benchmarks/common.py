@@ -25,6 +25,12 @@ SD21_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True,
 )
+# The SD3-medium MM-DiT (`stabilityai/stable-diffusion-3-medium-diffusers/transformer/config.json`).
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
 
 
 # ---------------------------------------------------------------------------------------- PyTorch side

@@ -96,8 +96,8 @@ import torch.nn.functional as F  # noqa: E402
 import step_setup  # noqa: E402  (tests/step_setup.py)
 from tiny import JointProbsProcessor  # noqa: E402  (tests/tiny.py: SD3 joint attention, explicit softmax)
 from benchmarks.common import (  # noqa: E402
-    SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params, time_round_robin_all,
-    to_torch_device, torch_device, torch_sync,
+    SD3_MEDIUM, SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params,
+    time_round_robin_all, to_torch_device, torch_device, torch_sync,
 )
 from ctcal_jax import ctcal, lora, schedules, text  # noqa: E402
 from ctcal_jax.families.mmdit import make_family as make_sd3_family  # noqa: E402
@@ -116,13 +116,8 @@ OPENCLIP_H = dict(
     bos_token_id=0, eos_token_id=2, pad_token_id=1,
 )
 
-# SD3-medium (`stabilityai/stable-diffusion-3-medium-diffusers`: transformer/, text_encoder/,
-# text_encoder_2/ config.json).
-SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-)
+# SD3-medium's text encoders (`stabilityai/stable-diffusion-3-medium-diffusers`: text_encoder/,
+# text_encoder_2/ config.json); its MM-DiT is `common.SD3_MEDIUM`.
 CLIP_L = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
@@ -684,8 +679,9 @@ def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
     rng = jax.random.key(0)
     new_state, metrics = jax.eval_shape(make_step_fn(jax_family(family, modules, preset), optimizer),
                                         frozen, state, batch, rng)
-    if jax.tree.structure(new_state) != jax.tree.structure(state) or any(
-            (a.shape, a.dtype) != (b.shape, b.dtype) for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state))):
+    def specs(tree: Any) -> Any:
+        return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    if specs(new_state) != specs(state):
         raise AssertionError("dry run: the step changes the state's structure, shapes or dtypes")
 
     def count(tree: Any) -> int:

@@ -75,23 +75,20 @@ def test_taca_schedule_is_per_sample_and_jittable():
     np.testing.assert_allclose(scales, [1.0, 1.0, 1.2, 1.2], rtol=1e-7)
 
 
+def _mixed_scalar(fn, seed=11):
+    """`fn(*args) -> (out, maps)` to a scalar with fixed random weights on both parts."""
+    def scalar(*args):
+        out, maps = fn(*args)
+        rng = np.random.RandomState(seed)
+        w_out = rng.randn(*out.shape).astype(np.float32)
+        w_maps = rng.randn(*maps.shape).astype(np.float32) if maps is not None else 0.0
+        return (out.astype(jnp.float32) * w_out).sum() + 10.0 * ((maps * w_maps).sum() if maps is not None else 0.0)
+    return scalar
+
+
 def _grads(fn, q, k, v):
     """Gradients of a scalar mixing the output and the maps, w.r.t. q, k, v."""
-    rng = np.random.RandomState(7)
-
-    def scalar(q, k, v):
-        out, maps = fn(q, k, v)
-        w_out = rng.randn(*out.shape).astype(np.float32)
-        w_maps = rng.randn(*maps.shape).astype(np.float32)
-        return (out * w_out).sum() + 10.0 * (maps * w_maps).sum()
-
-    rng_state = rng.get_state()
-
-    def reset_and_run(*args):
-        rng.set_state(rng_state)
-        return scalar(*args)
-
-    return jax.grad(reset_and_run, argnums=(0, 1, 2))(q, k, v)
+    return jax.grad(_mixed_scalar(fn, seed=7), argnums=(0, 1, 2))(q, k, v)
 
 
 @pytest.mark.parametrize("case", ["cross", "joint_text_last", "joint_text_first", "taca"])
@@ -129,17 +126,6 @@ def _autodiff_reference(q, k, v, mult=None, bias=None, causal=False, block=None)
     out = jnp.einsum("bnls,bsnd->blnd", probs, v.astype(jnp.float32))
     (r0, r1), (c0, c1) = block or ((0, 0), (0, 0))
     return out, probs[:, :, r0:r1, c0:c1].mean(axis=1)
-
-
-def _mixed_scalar(fn, seed=11):
-    """`fn(*args) -> (out, maps)` to a scalar with fixed random weights on both parts."""
-    def scalar(*args):
-        out, maps = fn(*args)
-        rng = np.random.RandomState(seed)
-        w_out = rng.randn(*out.shape).astype(np.float32)
-        w_maps = rng.randn(*maps.shape).astype(np.float32) if maps is not None else 0.0
-        return (out.astype(jnp.float32) * w_out).sum() + 10.0 * ((maps * w_maps).sum() if maps is not None else 0.0)
-    return scalar
 
 
 @pytest.mark.parametrize("case", ["cross", "cross_no_maps", "taca_text_last", "taca_text_first",
