@@ -91,7 +91,8 @@ def test_legacy_keys_with_prefix_and_position_ids(tmp_path):
     model, _ = _torch_model("sd1", seed=1)
     folder = save(model, tmp_path / "new")
     state, _ = files.read_safetensors(folder / "model.safetensors")
-    legacy = {"text_model." + k: np.asarray(v) for k, v in state.items()}
+    # (transformers 5.0 still saves the prefix itself; later releases drop it)
+    legacy = {"text_model." + k.removeprefix("text_model."): np.asarray(v) for k, v in state.items()}
     legacy["text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     old = tmp_path / "old"
     old.mkdir()

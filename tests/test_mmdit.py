@@ -271,7 +271,7 @@ def test_fused_capture_forms_no_joint_attention_matrix(models, monkeypatch, taca
 def test_pos_embed_matches_diffusers(dim, grid, base, h, w):
     from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-    table = get_2d_sincos_pos_embed(dim, grid, base_size=base).float().numpy().reshape(grid, grid, dim)
+    table = get_2d_sincos_pos_embed(dim, grid, base_size=base, output_type="pt").float().numpy().reshape(grid, grid, dim)
     top, left = (grid - h) // 2, (grid - w) // 2
     want = table[top:top + h, left:left + w].reshape(h * w, dim)
     assert np.abs(np.asarray(sincos_pos_embed(dim, h, w, grid, base)) - want).max() < 2e-5
