@@ -103,6 +103,7 @@ from ctcal_jax import ctcal, lora, schedules, text  # noqa: E402
 from ctcal_jax.families.mmdit import make_family as make_sd3_family  # noqa: E402
 from ctcal_jax.families.unet import make_family  # noqa: E402
 from ctcal_jax.optim import adamw_groups  # noqa: E402
+from ctcal_jax.paths import join_path  # noqa: E402
 from ctcal_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from ctcal_jax.train_step import init_state, make_step_fn, make_train_step, place  # noqa: E402
 
@@ -248,7 +249,7 @@ def jax_trainable(family: str, frozen: dict[str, Any], resolution: int, seed: in
 
 
 def jax_optimizer(family: str, trainable: dict[str, Any]):
-    groups = [(r"/alpha$", 0.0, 0.0)] + [(f"^{name}/", lr, wd) for name, (lr, wd) in optimizer_groups(family).items()]
+    groups = [(f"^{name}/", lr, wd) for name, (lr, wd) in optimizer_groups(family).items()]
     return adamw_groups(trainable, groups, **ADAM)
 
 
@@ -361,10 +362,11 @@ def add_torch_lora(model, lp: dict[str, Any], target_modules: list[str]) -> int:
 
     model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=target_modules))
     modules = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A")}
-    if len(modules) != len(lp):
-        raise ValueError(f"peft adapted {len(modules)} modules, ctcal_jax {len(lp)}: the LoRA targets differ")
+    ours = {join_path(path): ab for path, ab in lora.adapters(lp).items()}
+    if len(modules) != len(ours):
+        raise ValueError(f"peft adapted {len(modules)} modules, ctcal_jax {len(ours)}: the LoRA targets differ")
     with torch.no_grad():
-        for name, ab in lp.items():
+        for name, ab in ours.items():
             m = modules.get(name) or modules[name.removeprefix("text_model.")]  # transformers 5 drops the prefix
             m.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(ab["A"]).T.copy()))
             m.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(ab["B"]).T.copy()))

@@ -59,7 +59,7 @@ _MODULE_WORDS = frozenset({
 })
 _MAX_WORDS = max(len(w.split("_")) for w in _MODULE_WORDS)
 
-Adapters = dict[str, dict[str, Any]]  # one component: module -> {"A", "B", "alpha"}
+Adapters = dict[str, dict[str, Any]]  # one component: dotted module path -> {"A", "B", "alpha"}
 
 
 def import_lora(
@@ -67,8 +67,8 @@ def import_lora(
     params: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     allow_pickle: bool = False,
-) -> dict[str, Adapters]:
-    """Read a diffusers/peft or kohya LoRA file into `{component: ctcal_jax.lora pytree}`.
+) -> dict[str, lora.LoraTree]:
+    """Read a diffusers/peft or kohya LoRA file into `{component: LoRA tree}` (`ctcal_jax.lora`).
 
     Args:
       path: the `.safetensors` file, or a folder holding `pytorch_lora_weights.safetensors` (or a
@@ -118,11 +118,12 @@ def import_lora(
         out[component] = _resolve(out[component], params[component], component, keys, problems)
     if problems:
         raise ValueError(f"{file}: LoRA weights that cannot be used:\n  " + "\n  ".join(problems))
-    return out
+    return {component: lora.from_paths({_flax_path(component, m): ab for m, ab in adapters.items()})
+            for component, adapters in out.items()}
 
 
-def export_lora(out_dir: str | Path, loras: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> Path:
-    """Write `{component: ctcal_jax.lora pytree}` as `out_dir/pytorch_lora_weights.safetensors`.
+def export_lora(out_dir: str | Path, loras: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write `{component: LoRA tree}` (`ctcal_jax.lora`) as `out_dir/pytorch_lora_weights.safetensors`.
 
     The diffusers / peft format with each component's `LoraConfig` (rank, alpha and per-module
     `rank_pattern` / `alpha_pattern`) in the `lora_adapter_metadata`, so that
@@ -135,16 +136,17 @@ def export_lora(out_dir: str | Path, loras: Mapping[str, Mapping[str, Mapping[st
         if component not in COMPONENTS:
             raise ValueError(f"cannot export LoRA for component {component!r}; expected one of {COMPONENTS}")
         ranks, alphas = {}, {}
-        for module, ab in sorted(lp.items()):
+        for path, ab in sorted(lora.adapters(lp).items()):
+            module = names.join_path(path)
             a, b = np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32)
-            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0] or np.ndim(ab["alpha"]) != 0:
-                raise ValueError(f"{component}: {module}: expected A [in, r], B [r, out] and a scalar alpha, got "
-                                 f"A {a.shape}, B {b.shape}, alpha {np.shape(ab['alpha'])}")
+            if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+                raise ValueError(f"{component}: {module}: expected A [in, r] and B [r, out], got "
+                                 f"A {a.shape}, B {b.shape}")
             key = f"{component}.{_file_module(component, module)}"
             tensors[f"{key}.lora_A.weight"] = a.T
             tensors[f"{key}.lora_B.weight"] = b.T
             name = _config_module(component, module)
-            ranks[name], alphas[name] = a.shape[1], _number(ab["alpha"])
+            ranks[name], alphas[name] = a.shape[1], _number(lora.alpha(ab))
         if ranks:
             metadata.update({f"{component}.{k}": v for k, v in _peft_config(ranks, alphas).items()})
     if not tensors:
@@ -268,13 +270,16 @@ def _adapter(parts: Mapping[str, np.ndarray], module: str, config: Mapping[str, 
                          "(convolution LoRA is not supported)")
     rank = a.shape[0]
     if "alpha" in parts:
-        alpha = float(np.asarray(parts["alpha"], np.float64))
+        value = np.asarray(parts["alpha"], np.float64)
+        if value.size != 1:  # kohya files in the wild carry shape () or (1,)
+            raise ValueError(f"alpha of shape {value.shape}: expected one number")
+        alpha = float(value.reshape(()))
     elif config is not None:
         alpha = _config_alpha(config, module, rank)
     else:
         alpha = float(rank)
     return {"A": jnp.asarray(np.asarray(a, np.float32).T), "B": jnp.asarray(np.asarray(b, np.float32).T),
-            "alpha": jnp.asarray(alpha, jnp.float32)}
+            "alpha": lora.Alpha(alpha)}
 
 
 def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
@@ -320,6 +325,13 @@ def _resolve(adapters: Adapters, params: Mapping[str, Any], component: str,
     return out
 
 
+def _flax_path(component: str, module: str) -> names.Path:
+    """The Flax module path of a file's module name; CLIP modules live under `text_model` here."""
+    if component.startswith("text_encoder") and not module.startswith(("text_model.", "text_projection")):
+        module = "text_model." + module
+    return names.split_key(module)
+
+
 def _flat(module: str) -> str:
     """A module path with `.` and `_` made alike and without transformers' optional `text_model.`."""
     return module.removeprefix("text_model.").replace(".", "_")
@@ -349,7 +361,7 @@ def _peft_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[
     }
 
 
-def _number(x: Any) -> int | float:
-    """A float32 scalar as the JSON number that prints it (4 -> 4, 0.1 -> 0.1)."""
-    x = np.float32(np.asarray(x))
+def _number(x: float) -> int | float:
+    """An alpha as the JSON number that prints its float32 value (4 -> 4, 0.1 -> 0.1)."""
+    x = np.float32(x)
     return int(x) if x == int(x) else float(str(x))

@@ -1,8 +1,8 @@
 """PyTorch state-dict keys <-> Flax parameter paths, and the per-leaf transforms between them.
 
 The Flax models name their submodules after diffusers/transformers module paths with list indices
-joined by an underscore (`down_blocks.0.attentions.1` <-> `down_blocks_0/attentions_1`), so the
-mapping is mechanical:
+joined by an underscore (`down_blocks.0.attentions.1` <-> `down_blocks_0/attentions_1`,
+`ctcal_jax.paths`), so the mapping is mechanical:
 - a numeric key part joins the part before it (`to_out.0` -> `to_out_0`);
 - the final `weight` becomes `kernel` (Dense, Conv), `scale` (norms) or `embedding` (Embed),
   whichever the Flax module has; `bias` stays `bias`;
@@ -17,59 +17,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-Path = tuple[str, ...]
+from ctcal_jax.paths import LIST_NAMES, Path, join_path, split_key  # noqa: F401  (re-exported)
+
 Rename = Callable[[str], "Path | None"]
 
-# Names of PyTorch ModuleList / Sequential attributes: `name_N` in Flax is `name.N` in PyTorch.
-LIST_NAMES = frozenset({
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "single_transformer_blocks", "to_out", "to_add_out", "net", "layers",
-    "block", "layer", "mid_block_resnets", "proj_out_layers",
-})
-
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
-
-
-def split_key(key: str) -> Path:
-    """`down_blocks.0.attentions.1.proj_in.weight` -> (`down_blocks_0`, `attentions_1`, `proj_in`, `weight`)."""
-    out: list[str] = []
-    for part in key.split("."):
-        if part.isdigit() and out:
-            out[-1] = f"{out[-1]}_{part}"
-        else:
-            out.append(part)
-    return tuple(out)
-
-
-def join_path(path: Path, list_names: Iterable[str] = LIST_NAMES) -> str:
-    """Inverse of `split_key` for module parts (the leaf is handled by `flax_to_torch`)."""
-    names = frozenset(list_names)
-    parts = []
-    for p in path:
-        stem, _, idx = p.rpartition("_")
-        parts.append(f"{stem}.{idx}" if idx.isdigit() and stem in names else p)
-    return ".".join(parts)
-
-
-def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    out: dict[Path, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[Path, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
 
 
 def _to_flax_leaf(x: np.ndarray, leaf: str, target_ndim: int) -> np.ndarray:
@@ -101,7 +55,7 @@ def torch_to_flax(
     marks a key to skip, such as a buffer). Otherwise raises `ValueError` naming `source`, the
     keys and both shapes.
     """
-    targets = flatten(abstract_params)
+    targets = flatten_dict(abstract_params)
     out: dict[Path, np.ndarray] = {}
     unexpected, mismatched = [], []
     for key, tensor in state_dict.items():
@@ -130,13 +84,13 @@ def torch_to_flax(
         problems.append(f"parameters missing from the checkpoint: {missing}")
     if problems:
         raise ValueError(f"{source}: weights do not fit the model config:\n" + "\n".join(problems))
-    return unflatten(out)
+    return unflatten_dict(out)
 
 
 def flax_to_torch(params: Mapping[str, Any], list_names: Iterable[str] = LIST_NAMES) -> dict[str, np.ndarray]:
     """Flax parameter tree -> PyTorch state dict (numpy), the inverse of `torch_to_flax`."""
     out = {}
-    for path, value in flatten(params).items():
+    for path, value in flatten_dict(params).items():
         leaf = "weight" if path[-1] in _WEIGHT_LEAVES else path[-1]
         key = join_path(path[:-1], list_names) + "." + leaf
         out[key] = _to_torch_leaf(np.asarray(jax.device_get(value)), path[-1])

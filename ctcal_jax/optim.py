@@ -3,7 +3,7 @@
 A group is `(pattern, learning_rate, weight_decay)`; each trainable leaf takes the first group whose
 pattern matches its '/'-joined path (`unet/down_blocks_2/.../to_q/A`, `text_encoder/...`, `ae/...`).
 A leaf no group matches is an error. A group with learning rate 0 freezes its leaves (no update,
-no weight decay): the LoRA `alpha` scalars sit in the trainable tree but are hyperparameters.
+no weight decay). LoRA alphas are not leaves (`ctcal_jax.lora.Alpha`), so no group can touch them.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import jax
@@ -30,18 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from conversion import files, load_component
-
 Family = Literal["sd", "sd3"]
 
 # Encoder component -> the tokenizer component that feeds it.
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
-_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PromptEncoders:
     """The text side of one pipeline, keyed by encoder component name.
+
+    `conversion.load_encoders(pipeline_folder)` reads one from a diffusers folder.
 
     Attributes:
       family: `"sd"` (one CLIP) or `"sd3"` (CLIP-L, CLIP-G, T5).
@@ -77,6 +75,13 @@ def tokenize_prompts(encoders: PromptEncoders, prompts: Sequence[str]) -> dict[s
     return {c: tokenize(tok, prompts, encoders.max_lengths[c]) for c, tok in encoders.tokenizers.items()}
 
 
+def _variables(params: dict[str, Any], lora: dict[str, Any] | None, component: str) -> dict[str, Any]:
+    """`{"params": ...}` of one encoder, with `{"lora": ...}` when `lora` has adapters for it."""
+    if lora and lora.get(component) is not None:
+        return {"params": params[component], "lora": lora[component]}
+    return {"params": params[component]}
+
+
 def t5_embeddings(encoders: PromptEncoders, params: dict[str, Any], input_ids: dict[str, jax.Array]) -> jax.Array:
     """SD3's T5 stream `[B, T_t5, C_t5]`: T5's `last_hidden_state`, or zeros when the pipeline has no T5."""
     if "text_encoder_3" not in encoders.models:
@@ -91,22 +96,26 @@ def encode_prompts(
     params: dict[str, Any],
     input_ids: dict[str, jax.Array],
     t5_embeds: jax.Array | None = None,
+    *,
+    lora: dict[str, Any] | None = None,
 ) -> dict[str, jax.Array]:
     """Token ids -> the denoiser's text inputs. Pure; jit it with `encoders` closed over.
 
     Args:
-      params: `{component: params}` of the text encoders (LoRA merged in by the caller).
+      params: `{component: params}` of the text encoders.
       input_ids: `{component: [B, T] int}`, from `tokenize_prompts`.
       t5_embeds: SD3's precomputed T5 stream (`t5_embeddings`); computed here when `None`.
+      lora: optional `{component: LoRA tree}` (`ctcal_jax.lora`), applied unmerged.
 
     Returns `{"prompt_embeds"}` for SD, `{"prompt_embeds", "pooled_prompt_embeds"}` for SD3 (module docstring).
     """
     if encoders.family == "sd":
-        out = encoders.models["text_encoder"].apply({"params": params["text_encoder"]}, input_ids["text_encoder"])
+        out = encoders.models["text_encoder"].apply(_variables(params, lora, "text_encoder"),
+                                                    input_ids["text_encoder"])
         return {"prompt_embeds": out["last_hidden_state"]}
     hidden, pooled = [], []
     for c in ("text_encoder", "text_encoder_2"):
-        out = encoders.models[c].apply({"params": params[c]}, input_ids[c], output_hidden_states=True)
+        out = encoders.models[c].apply(_variables(params, lora, c), input_ids[c], output_hidden_states=True)
         hidden.append(out["hidden_states"][-2])
         pooled.append(out["pooled"])
     if t5_embeds is None:
@@ -121,67 +130,9 @@ def encode_prompts(
     }
 
 
-def encode_text(encoders: PromptEncoders, params: dict[str, Any], prompts: Sequence[str]) -> dict[str, jax.Array]:
+def encode_text(encoders: PromptEncoders, params: dict[str, Any], prompts: Sequence[str], *,
+                lora: dict[str, Any] | None = None) -> dict[str, jax.Array]:
     """Tokenize and encode in one call (sampling, data preparation); `[""] * B` gives the CFG negatives."""
     tokens = tokenize_prompts(encoders, prompts)
-    return encode_prompts(encoders, params, {c: jnp.asarray(t["input_ids"]) for c, t in tokens.items()})
-
-
-def load_encoders(
-    path: str | Path,
-    dtype: Any = jnp.float32,
-    *,
-    compute_dtype: Any = None,
-    max_sequence_length: int = 256,
-) -> tuple[PromptEncoders, dict[str, Any]]:
-    """Tokenizers and text encoders of a diffusers pipeline folder, offline: `(encoders, params)`.
-
-    SD 1.x/2.x folders hold `text_encoder` (+ `tokenizer`); SD3 folders add `text_encoder_2` and,
-    unless saved without it, `text_encoder_3` (T5). `dtype`/`compute_dtype` as in `load_component`;
-    `max_sequence_length` is SD3's T5 token count.
-    """
-    path = Path(path)
-    index = files.read_json(path / "model_index.json")
-    if "text_encoder_3" in index:
-        family: Family = "sd3"
-    elif "text_encoder_2" in index:
-        raise ValueError(f"{path / 'model_index.json'}: a text_encoder_2 without text_encoder_3 (SDXL?) is not supported")
-    else:
-        family = "sd"
-    components = ("text_encoder", "text_encoder_2", "text_encoder_3") if family == "sd3" else ("text_encoder",)
-    tokenizers, models, params = {}, {}, {}
-    for c in components:
-        if _absent(index, c):
-            if c != "text_encoder_3":
-                raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {c}")
-            continue
-        models[c], params[c] = load_component(path, c, dtype, compute_dtype=compute_dtype)
-        tokenizers[c] = _load_tokenizer(path, TOKENIZERS[c], index)
-    clip_length = tokenizers["text_encoder"].model_max_length
-    max_lengths = {"text_encoder": clip_length}
-    joint_dim = None
-    if family == "sd3":
-        max_lengths.update(text_encoder_2=clip_length, text_encoder_3=max_sequence_length)
-        if "text_encoder_3" not in models:
-            joint_dim = files.read_json(files.component_dir(path, "transformer") / "config.json")["joint_attention_dim"]
-    return PromptEncoders(family, tokenizers, models, max_lengths, joint_dim), params
-
-
-def _absent(index: dict[str, Any], component: str) -> bool:
-    entry = index.get(component)
-    return not isinstance(entry, list) or entry[0] is None
-
-
-def _load_tokenizer(path: Path, component: str, index: dict[str, Any]) -> Any:
-    if _absent(index, component):
-        raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {component}")
-    cls = index[component][1]
-    if cls not in _TOKENIZER_CLASSES:
-        raise ValueError(f"{path / 'model_index.json'}: tokenizer class {cls!r} of {component} is not supported "
-                         f"(supported: {_TOKENIZER_CLASSES})")
-    folder = path / component
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: tokenizer folder named in model_index.json is missing")
-    import transformers  # imported here: only loading needs it, and it is slow to import
-
-    return getattr(transformers, cls).from_pretrained(folder)
+    return encode_prompts(encoders, params, {c: jnp.asarray(t["input_ids"]) for c, t in tokens.items()},
+                          lora=lora)

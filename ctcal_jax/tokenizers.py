@@ -1,6 +1,6 @@
 """The real CLIP BPE tokenizer, built offline from OpenAI's vocabulary file shipped in the package.
 
-Pipeline folders carry their own tokenizers (`text.load_encoders` reads them); this one is for
+Pipeline folders carry their own tokenizers (`conversion.load_encoders` reads them); this one is for
 offline work without a pipeline folder: the demo, tests, data preparation on machines without hub
 access. Its 49408 ids equal those of `openai/clip-vit-large-patch14`'s tokenizer.
 """

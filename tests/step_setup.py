@@ -129,8 +129,7 @@ def setup(family: str = "sd2", data: int = 1, fsdp: int = 1, accum_steps: int = 
         # the tests use a low fixed teacher so every sample has a CTCAL term.
         config = config or ctcal.CTCALConfig(**{**ctcal.default_config("sd3").__dict__, "teacher_t": 0.0})
         fam = sd3_step.make_family(denoiser, encoders, config)
-    optimizer = adamw_groups(trainable, [(r"/alpha$", 0.0, 0.0), (rf"^({name}|ae)/", 1e-3, 0.01),
-                                         (r"^text_encoder", 1e-4, 0.01)])
+    optimizer = adamw_groups(trainable, [(rf"^({name}|ae)/", 1e-3, 0.01), (r"^text_encoder", 1e-4, 0.01)])
     mesh = make_mesh(data, fsdp, devices)
     frozen_sh = param_shardings(frozen, [(r".*/kernel$", ("fsdp_largest",)), (r".*", ())], mesh)
     state = init_state(trainable, optimizer)

@@ -1,9 +1,10 @@
 """LoRA import/export against diffusers + peft as the client, on tiny pipelines built here.
 
 Every check is at the output level: our Flax model (`load_component` of the saved pipeline) with
-`lora.merge` against the PyTorch module holding the same LoRA (loaded by diffusers'
-`load_lora_weights`, added by peft, or reloaded from a merged export), for SD 1.x's UNet and CLIP
-text encoder and SD3's MM-DiT and two projected CLIP text encoders (CLIP-L, CLIP-G).
+the LoRA applied unmerged (the `"lora"` collection) and merged (`lora.merge`) against the PyTorch
+module holding the same LoRA (loaded by diffusers' `load_lora_weights`, added by peft, or reloaded
+from a merged export), for SD 1.x's UNet and CLIP text encoder and SD3's MM-DiT and two projected
+CLIP text encoders (CLIP-L, CLIP-G).
 """
 
 import copy
@@ -21,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from conversion import export_component, export_lora, files, import_lora, load_component, names  # noqa: E402
 from ctcal_jax import lora  # noqa: E402
+from ctcal_jax.paths import join_path  # noqa: E402
 from tests.tiny import nchw, nhwc, randomize, real_clip_tokenizer, rel_err  # noqa: E402
 
 TE_TARGETS = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)$"
@@ -43,8 +45,8 @@ def text_encoder_io(folder, component: str, tokenizer) -> tuple:
     ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
     apply = jax.jit(model.apply)
 
-    def ours(p):
-        out = apply({"params": p}, jnp.asarray(ids))
+    def ours(p, lp=None):
+        out = apply(variables(p, lp), jnp.asarray(ids))
         return {"last_hidden_state": np.asarray(out["last_hidden_state"]), "pooled": np.asarray(out["pooled"])}
 
     def theirs(te):
@@ -56,30 +58,41 @@ def text_encoder_io(folder, component: str, tokenizer) -> tuple:
     return params, ours, theirs
 
 
+def variables(params, lp=None) -> dict:
+    return {"params": params} if lp is None else {"params": params, "lora": lp}
+
+
 def assert_matches(case, component: str, module, lp: dict) -> None:
-    """Our `component` with `lora.merge(params, lp)` against the PyTorch `module`: every output within
-    1e-4 of it, and visibly moved (> 1e-3) from our output without the LoRA."""
+    """Our `component` with the LoRA `lp`, unmerged and merged, against the PyTorch `module`: every
+    output within 1e-4 of it, and visibly moved (> 1e-3) from our output without the LoRA."""
     params = case.params[component]
-    ours, base = case.ours[component](lora.merge(params, lp)), case.ours[component](params)
-    theirs = case.theirs[component](module)
-    for key in ours:
-        assert rel_err(ours[key], base[key]) > 1e-3, f"{component} {key}: the LoRA changed nothing"
-        assert rel_err(ours[key], theirs[key]) <= 1e-4, f"{component} {key}"
+    base, theirs = case.ours[component](params), case.theirs[component](module)
+    for how, ours in (("unmerged", case.ours[component](params, lp)),
+                      ("merged", case.ours[component](lora.merge(params, lp)))):
+        for key in ours:
+            assert rel_err(ours[key], base[key]) > 1e-3, f"{component} {key}: the LoRA changed nothing"
+            assert rel_err(ours[key], theirs[key]) <= 1e-4, f"{component} {key} ({how})"
+
+
+def by_module(lp: dict) -> dict:
+    """`{dotted module path: adapter}` of a LoRA tree."""
+    return {join_path(path): ab for path, ab in lora.adapters(lp).items()}
 
 
 def random_lora(lp: dict, seed: int, scale: float = 0.1) -> dict:
     """The adapters of `lp` with random non-zero A and B."""
     rng = np.random.default_rng(seed)
-    return {m: {"A": jnp.asarray(rng.normal(size=ab["A"].shape) * scale, jnp.float32),
-                "B": jnp.asarray(rng.normal(size=ab["B"].shape) * scale, jnp.float32), "alpha": ab["alpha"]}
-            for m, ab in lp.items()}
+    return lora.from_paths({
+        path: {"A": jnp.asarray(rng.normal(size=ab["A"].shape) * scale, jnp.float32),
+               "B": jnp.asarray(rng.normal(size=ab["B"].shape) * scale, jnp.float32), "alpha": ab["alpha"]}
+        for path, ab in lora.adapters(lp).items()})
 
 
 def mixed_lora(params, targets: str, alpha: float, seed: int) -> dict:
     """Rank 4 and `alpha` on `targets`, rank 2 / alpha 3 on the k projections: alpha ≠ rank, per module."""
-    base = lora.init(jax.random.key(seed), params, targets=targets, rank=4, alpha=alpha)
-    odd = lora.init(jax.random.key(seed), params, targets=r"(to_k|k_proj)$", rank=2, alpha=3.0)
-    return random_lora({**base, **{m: ab for m, ab in odd.items() if m in base}}, seed)
+    base = lora.adapters(lora.init(jax.random.key(seed), params, targets=targets, rank=4, alpha=alpha))
+    odd = lora.adapters(lora.init(jax.random.key(seed), params, targets=r"(to_k|k_proj)$", rank=2, alpha=3.0))
+    return random_lora(lora.from_paths({**base, **{p: ab for p, ab in odd.items() if p in base}}), seed)
 
 
 def check_export_loads(case, lps: dict, out_dir) -> None:
@@ -148,8 +161,8 @@ def sd(tmp_path_factory):
     ctx = rng.normal(size=(2, 5, 32)).astype(np.float32)
     apply = jax.jit(model.apply)
 
-    def ours(p):
-        return {"sample": np.asarray(apply({"params": p}, x, t, ctx)[0])}
+    def ours(p, lp=None):
+        return {"sample": np.asarray(apply(variables(p, lp), x, t, ctx)[0])}
 
     def torch_unet(u):
         with torch.no_grad():
@@ -183,7 +196,7 @@ def test_import_lora_made_by_diffusers_and_peft(sd, tmp_path):
     }, tmp_path)
     loras = import_lora(tmp_path, params=sd.params)
     assert set(loras) == {"unet", "text_encoder"}
-    assert {float(ab["alpha"]) for ab in loras["unet"].values()} == {3.0, 8.0}
+    assert {lora.alpha(ab) for ab in by_module(loras["unet"]).values()} == {3.0, 8.0}
     for component, lp in loras.items():
         assert_matches(sd, component, getattr(pipe, component), lp)
 
@@ -209,7 +222,8 @@ def kohya_file(tmp_path, sd, alpha=None) -> tuple:
             name = prefix + module.replace(".", "_")
             state[f"{name}.lora_down.weight"] = torch.randn(4, d_in, generator=gen) * 0.1
             state[f"{name}.lora_up.weight"] = torch.randn(d_out, 4, generator=gen) * 0.1
-            state[f"{name}.alpha"] = torch.tensor(alpha or float(i + 1))
+            # kohya files in the wild store alphas with shape () and with shape (1,)
+            state[f"{name}.alpha"] = torch.tensor(alpha or float(i + 1)).reshape((1,) if i % 2 else ())
     file = tmp_path / "kohya.safetensors"
     save_file(state, file)
     return file, state
@@ -237,7 +251,7 @@ def test_kohya_alpha_and_merge_formula(sd, tmp_path):
         params = sd.params[component]
         merged = names.flax_to_torch(lora.merge(params, loras[component]))
         base = names.flax_to_torch(params)
-        for module in loras[component]:
+        for module in by_module(loras[component]):
             name = prefix + module.replace(".", "_")
             want = base[f"{module}.weight"] + float(state[f"{name}.alpha"]) / 4 * (
                 state[f"{name}.lora_up.weight"] @ state[f"{name}.lora_down.weight"]).numpy()
@@ -284,8 +298,8 @@ def sd3(tmp_path_factory):
     pooled = rng.normal(size=(2, 64)).astype(np.float32)
     apply = jax.jit(model.apply)
 
-    def ours(p):
-        return {"sample": np.asarray(apply({"params": p}, x, t, ctx, pooled)[0])}
+    def ours(p, lp=None):
+        return {"sample": np.asarray(apply(variables(p, lp), x, t, ctx, pooled)[0])}
 
     def torch_transformer(m):
         with torch.no_grad():
@@ -312,7 +326,7 @@ def test_sd3_export_loads_in_diffusers(sd3, tmp_path):
     }
     # Joint attention of both blocks (the last one without `to_add_out`) and SD3.5's image-only attn2.
     assert {"transformer_blocks.1.attn.add_q_proj", "transformer_blocks.0.attn.to_add_out",
-            "transformer_blocks.0.attn2.to_q"} <= set(lps["transformer"])
+            "transformer_blocks.0.attn2.to_q"} <= set(by_module(lps["transformer"]))
     check_export_loads(sd3, lps, tmp_path)
 
 
@@ -330,9 +344,10 @@ def test_sd3_import_lora_made_by_diffusers_and_peft(sd3, tmp_path):
     }, tmp_path)
     loras = import_lora(tmp_path, params=sd3.params)
     assert set(loras) == {"transformer", "text_encoder", "text_encoder_2"}
-    assert {m: ab["A"].shape[1] for m, ab in loras["transformer"].items() if ab["A"].shape[1] != 4} == {
+    adapters = by_module(loras["transformer"])
+    assert {m: ab["A"].shape[1] for m, ab in adapters.items() if ab["A"].shape[1] != 4} == {
         f"transformer_blocks.{i}.attn.add_k_proj": 2 for i in (0, 1)}
-    assert {float(ab["alpha"]) for ab in loras["transformer"].values()} == {3.0, 8.0}
+    assert {lora.alpha(ab) for ab in adapters.values()} == {3.0, 8.0}
     for component, lp in loras.items():
         assert_matches(sd3, component, getattr(pipe, component), lp)
 

@@ -11,6 +11,7 @@ from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteSched
                        StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from conversion import load_encoders
 from ctcal_jax import text
 from tests.tiny import randomize, real_clip_tokenizer, rel_err, tiny_t5_tokenizer
 
@@ -74,7 +75,7 @@ def test_sd_matches_diffusers(kind, tmp_path):
     pipe = _sd_pipeline(tmp_path, *settings)
     with torch.no_grad():
         ref, ref_neg = pipe.encode_prompt(PROMPTS, "cpu", 1, True, negative_prompt=None)
-    encoders, params = text.load_encoders(tmp_path)
+    encoders, params = load_encoders(tmp_path)
     assert encoders.family == "sd" and encoders.max_lengths == {"text_encoder": 77}
     tokens = text.tokenize_prompts(encoders, PROMPTS)
     ids = {c: jnp.asarray(t["input_ids"]) for c, t in tokens.items()}
@@ -98,7 +99,7 @@ def sd3(tmp_path_factory):
 
 def test_sd3_matches_diffusers(sd3):
     folder, (ref, ref_neg, ref_pooled, ref_neg_pooled) = sd3
-    encoders, params = text.load_encoders(folder)
+    encoders, params = load_encoders(folder)
     assert encoders.family == "sd3"
     assert encoders.max_lengths == {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256}
     tokens = text.tokenize_prompts(encoders, PROMPTS)
@@ -118,7 +119,7 @@ def test_sd3_matches_diffusers(sd3):
 def test_sd3_precomputed_t5(sd3):
     """The frozen T5 stream computed once outside jit gives the same embeddings."""
     folder, (ref, *_) = sd3
-    encoders, params = text.load_encoders(folder)
+    encoders, params = load_encoders(folder)
     ids = {c: jnp.asarray(t["input_ids"]) for c, t in text.tokenize_prompts(encoders, PROMPTS).items()}
     t5 = text.t5_embeddings(encoders, params, ids)
     clip_params = {c: params[c] for c in ("text_encoder", "text_encoder_2")}
@@ -134,7 +135,7 @@ def test_sd3_without_t5(sd3, tmp_path):
     with torch.no_grad():
         ref, _, ref_pooled, _ = pipe.encode_prompt(PROMPTS[:2], None, None, device="cpu",
                                                    do_classifier_free_guidance=False)
-    encoders, params = text.load_encoders(tmp_path)
+    encoders, params = load_encoders(tmp_path)
     assert "text_encoder_3" not in encoders.models and "text_encoder_3" not in encoders.tokenizers
     ours = text.encode_text(encoders, params, PROMPTS[:2])
     assert rel_err(ours["prompt_embeds"], ref) <= 1e-4
@@ -145,7 +146,7 @@ def test_sd3_without_t5(sd3, tmp_path):
 def test_tokenize_offsets(sd3):
     """Offsets point each real token at its characters in the prompt; special/padding get (0, 0)."""
     folder, _ = sd3
-    encoders, _ = text.load_encoders(folder)
+    encoders, _ = load_encoders(folder)
     prompt = "A giraffe next to a traffic light."
     tokens = text.tokenize_prompts(encoders, [prompt, LONG])
     clip = tokens["text_encoder"]
@@ -170,7 +171,7 @@ def test_load_encoders_refuses_unsupported_layouts(tmp_path):
         '{"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"], '
         '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
     with pytest.raises(ValueError, match="text_encoder_2 without text_encoder_3"):
-        text.load_encoders(tmp_path)
+        load_encoders(tmp_path)
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "text_encoder": [null, null]}')
     with pytest.raises(ValueError, match="no text_encoder"):
-        text.load_encoders(tmp_path)
+        load_encoders(tmp_path)

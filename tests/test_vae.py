@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from conversion import files, load_component, names
 from ctcal_jax.models.vae import AutoencoderKL as FlaxAutoencoderKL
@@ -108,9 +109,9 @@ def test_logvar_clamped(case):
     last = ("quant_conv", "bias") if kind == "sd" else ("encoder", "conv_out", "bias")
     z = CONFIGS[kind]["latent_channels"]
     for shift, bound in ((1e4, 20.0), (-1e4, -30.0)):
-        flat = names.flatten(params)
+        flat = flatten_dict(params)
         flat[last] = flat[last].at[z:].add(shift)  # the logvar half of the moments
-        _, logvar = module.apply({"params": names.unflatten(flat)}, jnp.asarray(images), method="encode")
+        _, logvar = module.apply({"params": unflatten_dict(flat)}, jnp.asarray(images), method="encode")
         np.testing.assert_array_equal(logvar, bound)
 
 

@@ -23,7 +23,7 @@ from flax import linen as nn
 
 from ctcal_jax import ctcal, schedules, text
 from ctcal_jax.attention import AttnCapture
-from ctcal_jax.families.unet import adapted, text_params
+from ctcal_jax.families.unet import encode, variables
 from ctcal_jax.train_step import Family
 
 CLIP_TOKENS = 77
@@ -56,22 +56,22 @@ def make_family(
 
     def forward(frozen, trainable, batch, rng):
         r_noise, r_t, r_tea = jax.random.split(rng, 3)
-        emb = text.encode_prompts(encoders, text_params(encoders, frozen, trainable), batch["input_ids"],
-                                  t5_embeds=batch["t5_embeds"])
+        emb = encode(encoders, frozen, trainable, batch, t5_embeds=batch["t5_embeds"])
         context, pooled = emb["prompt_embeds"], emb["pooled_prompt_embeds"]
         x0 = batch["latents"]
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
         t_stu, sigma_stu = schedules.sample_flow_timesteps(r_t, schedule, x0.shape[0], logit_mean, logit_std)
         t_tea = ctcal.teacher_timesteps(r_tea, t_stu, config, "logit_normal", shift, logit_mean, logit_std)
-        params = adapted(frozen, trainable, "transformer")
+        denoiser_vars = variables(frozen, trainable, "transformer")
 
-        def denoise(p, t, sigma, ctx, pool):
+        def denoise(v, t, sigma, ctx, pool):
             x_t = schedules.flow_noisy_input(x0, noise, sigma)
-            return transformer.apply({"params": p}, x_t, t, ctx, pool, capture=capture)
+            return transformer.apply(v, x_t, t, ctx, pool, capture=capture)
 
         stop = jax.lax.stop_gradient
-        _, teacher = denoise(stop(params), t_tea, schedules.flow_sigmas(t_tea, num_t), stop(context), stop(pooled))
-        pred, student = denoise(params, t_stu, sigma_stu, context, pooled)
+        _, teacher = denoise(stop(denoiser_vars), t_tea, schedules.flow_sigmas(t_tea, num_t), stop(context),
+                             stop(pooled))
+        pred, student = denoise(denoiser_vars, t_stu, sigma_stu, context, pooled)
         return {
             "pred": pred,
             "target": schedules.flow_target(x0, noise),

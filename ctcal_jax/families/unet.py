@@ -16,20 +16,22 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from ctcal_jax import ctcal, lora, schedules, text
+from ctcal_jax import ctcal, schedules, text
 from ctcal_jax.attention import AttnCapture
 from ctcal_jax.train_step import Family
 
 
-def adapted(frozen: Any, trainable: Any, component: str) -> Any:
-    """`frozen[component]` with its LoRA from `trainable` merged in, or as it is without one."""
+def variables(frozen: Any, trainable: Any, component: str) -> dict[str, Any]:
+    """The variables `component` is applied with: its frozen params, and its LoRA (applied unmerged,
+    `ctcal_jax.lora`) when `trainable` has one."""
     adapter = trainable.get(component)
-    return frozen[component] if adapter is None else lora.merge(frozen[component], adapter)
+    return {"params": frozen[component]} if adapter is None else {"params": frozen[component], "lora": adapter}
 
 
-def text_params(encoders: text.PromptEncoders, frozen: Any, trainable: Any) -> dict[str, Any]:
-    """The (LoRA-adapted) params of every text encoder the step runs."""
-    return {c: adapted(frozen, trainable, c) for c in encoders.models}
+def encode(encoders: text.PromptEncoders, frozen: Any, trainable: Any, batch: Any, **kwargs: Any) -> dict[str, Any]:
+    """`text.encode_prompts` with the frozen text encoders and their LoRAs from `trainable`."""
+    return text.encode_prompts(encoders, {c: frozen[c] for c in encoders.models}, batch["input_ids"],
+                               lora={c: trainable[c] for c in encoders.models if c in trainable}, **kwargs)
 
 
 def make_family(
@@ -47,19 +49,18 @@ def make_family(
 
     def forward(frozen, trainable, batch, rng):
         r_noise, r_t, r_tea = jax.random.split(rng, 3)
-        context = text.encode_prompts(encoders, text_params(encoders, frozen, trainable),
-                                      batch["input_ids"])["prompt_embeds"]
+        context = encode(encoders, frozen, trainable, batch)["prompt_embeds"]
         x0 = batch["latents"]
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
         t_stu = schedules.uniform_timesteps(r_t, x0.shape[0], num_t)
         t_tea = ctcal.teacher_timesteps(r_tea, t_stu, config, "uniform")
-        params = adapted(frozen, trainable, "unet")
+        unet_vars = variables(frozen, trainable, "unet")
 
-        def denoise(p, t, ctx):
-            return unet.apply({"params": p}, schedules.add_noise(schedule, x0, noise, t), t, ctx, capture=capture)
+        def denoise(v, t, ctx):
+            return unet.apply(v, schedules.add_noise(schedule, x0, noise, t), t, ctx, capture=capture)
 
-        _, teacher = denoise(jax.lax.stop_gradient(params), t_tea, jax.lax.stop_gradient(context))
-        pred, student = denoise(params, t_stu, context)
+        _, teacher = denoise(jax.lax.stop_gradient(unet_vars), t_tea, jax.lax.stop_gradient(context))
+        pred, student = denoise(unet_vars, t_stu, context)
         return {
             "pred": pred,
             "target": schedules.ddpm_target(schedule, x0, noise, t_stu, prediction_type),

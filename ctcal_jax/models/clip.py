@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
+from ctcal_jax import lora
+from ctcal_jax.lora import Dense
 
 Activation = Literal["quick_gelu", "gelu"]
 
@@ -66,11 +68,11 @@ class CLIPAttention(nn.Module):
         b, t, c = x.shape
 
         def proj(name):
-            return nn.Dense(c, dtype=self.dtype, name=name)(x).reshape(b, t, self.heads, c // self.heads)
+            return Dense(c, dtype=self.dtype, name=name)(x).reshape(b, t, self.heads, c // self.heads)
 
         out, _ = attn_lib.attention(proj("q_proj"), proj("k_proj"), proj("v_proj"), is_causal=True,
                                     implementation=self.implementation)
-        return nn.Dense(c, dtype=self.dtype, name="out_proj")(out.reshape(b, t, c))
+        return Dense(c, dtype=self.dtype, name="out_proj")(out.reshape(b, t, c))
 
 
 class CLIPMLP(nn.Module):
@@ -82,8 +84,8 @@ class CLIPMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _ACTIVATIONS[self.hidden_act](nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x))
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+        h = _ACTIVATIONS[self.hidden_act](Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x))
+        return Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -192,12 +194,13 @@ class CLIPTextModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> dict[str, Any]:
+        lora.check_collection(self)
         last, pooled, hidden = CLIPTextTransformer(
             self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
             self.num_attention_heads, self.max_position_embeddings, self.hidden_act, self.layer_norm_eps,
             self.eos_token_id, self.implementation, self.dtype, name="text_model")(input_ids)
         if self.projection_dim is not None:
-            pooled = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+            pooled = Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
         out: dict[str, Any] = {"last_hidden_state": last, "pooled": pooled}
         if output_hidden_states:
             out["hidden_states"] = hidden

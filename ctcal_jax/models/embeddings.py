@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ctcal_jax.lora import Dense
+
 
 def timestep_embedding(
     timesteps: jax.Array,
@@ -48,5 +50,5 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
-        return nn.Dense(self.out_dim or self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))
+        x = Dense(self.dim, dtype=self.dtype, name="linear_1")(x)
+        return Dense(self.out_dim or self.dim, dtype=self.dtype, name="linear_2")(nn.silu(x))

@@ -27,7 +27,9 @@ import numpy as np
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
+from ctcal_jax import lora
 from ctcal_jax.attention import TACA, AttnCapture
+from ctcal_jax.lora import Dense
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
 from ctcal_jax.models.unet import Proj
 
@@ -114,7 +116,7 @@ class AdaLayerNormZero(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-        emb = nn.Dense(self.chunks * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
+        emb = Dense(self.chunks * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
         return _layer_norm(self.dtype, "norm")(x), jnp.split(emb, self.chunks, axis=-1)
 
 
@@ -125,7 +127,7 @@ class AdaLayerNormContinuous(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        emb = nn.Dense(2 * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
+        emb = Dense(2 * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
         scale, shift = jnp.split(emb, 2, axis=-1)
         return _modulate(_layer_norm(self.dtype, "norm")(x), shift, scale)
 
@@ -139,7 +141,7 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dim = x.shape[-1]
         h = nn.gelu(Proj(4 * dim, self.dtype, name="net_0")(x), approximate=True)
-        return nn.Dense(dim, dtype=self.dtype, name="net_2")(h)
+        return Dense(dim, dtype=self.dtype, name="net_2")(h)
 
 
 class JointAttention(nn.Module):
@@ -167,7 +169,7 @@ class JointAttention(nn.Module):
         inner = self.heads * self.dim_head
 
         def proj(name, y):
-            y = nn.Dense(inner, dtype=self.dtype, name=name)(y)
+            y = Dense(inner, dtype=self.dtype, name=name)(y)
             return y.reshape(*y.shape[:2], self.heads, self.dim_head)  # [B, L, N, Dh]
 
         def norm(name, y):
@@ -176,7 +178,7 @@ class JointAttention(nn.Module):
         q, k, v = norm("norm_q", proj("to_q", x)), norm("norm_k", proj("to_k", x)), proj("to_v", x)
         if context is None:
             out, _ = attn_lib.attention(q, k, v, implementation=self.implementation)
-            return nn.Dense(dim, dtype=self.dtype, name="to_out_0")(out.reshape(b, n_img, inner)), None, None
+            return Dense(dim, dtype=self.dtype, name="to_out_0")(out.reshape(b, n_img, inner)), None, None
 
         n_txt = context.shape[1]
         q = jnp.concatenate([q, norm("norm_added_q", proj("add_q_proj", context))], axis=1)
@@ -185,8 +187,8 @@ class JointAttention(nn.Module):
         out, maps = attn_lib.joint_attention(q, k, v, text_start=n_img, text_len=n_txt, gamma=gamma,
                                              capture=capture, implementation=self.implementation)
         out = out.reshape(b, n_img + n_txt, inner)
-        img = nn.Dense(dim, dtype=self.dtype, name="to_out_0")(out[:, :n_img])
-        txt = None if self.context_pre_only else nn.Dense(dim, dtype=self.dtype, name="to_add_out")(out[:, n_img:])
+        img = Dense(dim, dtype=self.dtype, name="to_out_0")(out[:, :n_img])
+        txt = None if self.context_pre_only else Dense(dim, dtype=self.dtype, name="to_add_out")(out[:, n_img:])
         return img, txt, maps
 
 
@@ -269,6 +271,7 @@ class SD3Transformer2DModel(nn.Module):
         capture: AttnCapture | None = None,
         taca: TACA | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        lora.check_collection(self)
         b, height, width, _ = hidden_states.shape
         p = self.patch_size
         if height % p or width % p:
@@ -282,8 +285,8 @@ class SD3Transformer2DModel(nn.Module):
         x = PatchEmbed(inner, p, self.sample_size // p, self.pos_embed_max_size, self.dtype,
                        name="pos_embed")(hidden_states.astype(self.dtype))
         temb = CombinedTimestepTextProjEmbeddings(inner, self.dtype, name="time_text_embed")(t, pooled_projections)
-        context = nn.Dense(self.caption_projection_dim, dtype=self.dtype,
-                           name="context_embedder")(encoder_hidden_states.astype(self.dtype))
+        context = Dense(self.caption_projection_dim, dtype=self.dtype,
+                        name="context_embedder")(encoder_hidden_states.astype(self.dtype))
 
         maps = []
         for i in range(self.num_layers):
@@ -299,7 +302,7 @@ class SD3Transformer2DModel(nn.Module):
                 maps.append(m)
 
         x = AdaLayerNormContinuous(self.dtype, name="norm_out")(x, temb)
-        x = nn.Dense(p * p * self.out_channels, dtype=self.dtype, name="proj_out")(x)
+        x = Dense(p * p * self.out_channels, dtype=self.dtype, name="proj_out")(x)
         # Unpatchify: token (i, j) holds its p×p patch as (row, column, channel).
         pred = x.reshape(b, h, w, p, p, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
         pred = pred.reshape(b, height, width, self.out_channels)

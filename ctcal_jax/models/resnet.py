@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from ctcal_jax.lora import Dense
+
 
 def group_norm(groups: int, eps: float, dtype: Any, name: str) -> nn.GroupNorm:
     """GroupNorm with the two-pass variance PyTorch uses (the fast E[x²]−E[x]² form drifts)."""
@@ -40,7 +42,7 @@ class ResnetBlock2D(nn.Module):
         h = nn.silu(group_norm(self.groups, self.eps, self.dtype, "norm1")(x))
         h = conv(self.out_channels, 3, self.dtype, "conv1")(h)
         if temb is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :]
         h = nn.silu(group_norm(self.groups_out or self.groups, self.eps, self.dtype, "norm2")(h))
         h = conv(self.out_channels, 3, self.dtype, "conv2")(h)

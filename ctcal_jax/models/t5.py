@@ -25,6 +25,8 @@ import numpy as np
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
+from ctcal_jax import lora
+from ctcal_jax.lora import Dense
 
 Activation = Literal["relu", "gelu_new", "gelu"]
 
@@ -93,7 +95,7 @@ class T5Attention(nn.Module):
         inner = s.heads * s.d_kv
 
         def proj(name):
-            return nn.Dense(inner, use_bias=False, dtype=s.dtype, name=name)(x).reshape(b, t, s.heads, s.d_kv)
+            return Dense(inner, use_bias=False, dtype=s.dtype, name=name)(x).reshape(b, t, s.heads, s.d_kv)
 
         if self.has_relative_attention_bias:
             offsets = np.arange(t)[None, :] - np.arange(t)[:, None]  # key − query, [T, T]
@@ -102,7 +104,7 @@ class T5Attention(nn.Module):
             position_bias = table(jnp.asarray(buckets, jnp.int32)).transpose(2, 0, 1)[None]
         out, _ = attn_lib.attention(proj("q"), proj("k"), proj("v"), scale=1.0, bias=position_bias,
                                     implementation=s.implementation)
-        return nn.Dense(c, use_bias=False, dtype=s.dtype, name="o")(out.reshape(b, t, inner)), position_bias
+        return Dense(c, use_bias=False, dtype=s.dtype, name="o")(out.reshape(b, t, inner)), position_bias
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -128,7 +130,7 @@ class T5DenseReluDense(nn.Module):
         s = self.s
 
         def dense(features, name):
-            return nn.Dense(features, use_bias=False, dtype=s.dtype, name=name)
+            return Dense(features, use_bias=False, dtype=s.dtype, name=name)
 
         act = _ACTIVATIONS[s.act]
         h = act(dense(s.d_ff, "wi_0")(x)) * dense(s.d_ff, "wi_1")(x) if s.gated else act(dense(s.d_ff, "wi")(x))
@@ -196,6 +198,7 @@ class T5EncoderModel(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> dict[str, Any]:
+        lora.check_collection(self)
         s = T5Settings(self.num_heads, self.d_kv, self.d_ff, self.relative_attention_num_buckets,
                        self.relative_attention_max_distance, self.layer_norm_epsilon, self.dense_act_fn,
                        self.is_gated_act, self.implementation, self.dtype)

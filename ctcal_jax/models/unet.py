@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
+from ctcal_jax import lora
 from ctcal_jax.attention import AttnCapture
+from ctcal_jax.lora import Dense
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
 from ctcal_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
@@ -47,13 +49,13 @@ class Attention(nn.Module):
         inner = self.heads * self.dim_head
 
         def proj(name, y):
-            y = nn.Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
+            y = Dense(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)(y)
             return y.reshape(*y.shape[:2], self.heads, self.dim_head)
 
         q, k, v = proj("to_q", x), proj("to_k", context), proj("to_v", context)
         out, maps = attn_lib.attention(q, k, v, capture=capture, implementation=self.implementation)
         out = out.reshape(*out.shape[:2], inner)
-        return nn.Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out), maps
+        return Dense(self.out_dim, dtype=self.dtype, name="to_out_0")(out), maps
 
 
 class GEGLUFeedForward(nn.Module):
@@ -68,7 +70,7 @@ class GEGLUFeedForward(nn.Module):
         inner = self.dim * self.mult
         h = Proj(2 * inner, self.dtype, name="net_0")(x)
         h, gate = jnp.split(h, 2, axis=-1)
-        return nn.Dense(self.dim, dtype=self.dtype, name="net_2")(h * nn.gelu(gate, approximate=False))
+        return Dense(self.dim, dtype=self.dtype, name="net_2")(h * nn.gelu(gate, approximate=False))
 
 
 class Proj(nn.Module):
@@ -79,7 +81,7 @@ class Proj(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.features, dtype=self.dtype, name="proj")(x)
+        return Dense(self.features, dtype=self.dtype, name="proj")(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -124,7 +126,7 @@ class Transformer2DModel(nn.Module):
         inner = self.heads * self.dim_head
         y = group_norm(self.groups, 1e-6, self.dtype, "norm")(x)
         if self.use_linear_projection:
-            y = nn.Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
+            y = Dense(inner, dtype=self.dtype, name="proj_in")(y.reshape(b, h * w, c))
         else:
             y = conv(inner, 1, self.dtype, "proj_in")(y).reshape(b, h * w, inner)
         maps = []
@@ -135,7 +137,7 @@ class Transformer2DModel(nn.Module):
             if m is not None:
                 maps.append(m.reshape(b, h, w, -1))
         if self.use_linear_projection:
-            y = nn.Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
+            y = Dense(c, dtype=self.dtype, name="proj_out")(y).reshape(b, h, w, c)
         else:
             y = conv(c, 1, self.dtype, "proj_out")(y.reshape(b, h, w, inner))
         return x + y, maps
@@ -272,6 +274,7 @@ class UNet2DConditionModel(nn.Module):
         *,
         capture: AttnCapture | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        lora.check_collection(self)
         shared = _Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection,
                          self.implementation, self.dtype)
         resolutions = () if capture is None else tuple(capture.resolutions)

@@ -1,0 +1,74 @@
+"""`load_encoders`: the tokenizers and text encoders of a diffusers pipeline folder, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from conversion import files
+from conversion.load import load_component
+from ctcal_jax.text import TOKENIZERS, Family, PromptEncoders
+
+_TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
+
+
+def load_encoders(
+    path: str | Path,
+    dtype: Any = jnp.float32,
+    *,
+    compute_dtype: Any = None,
+    max_sequence_length: int = 256,
+) -> tuple[PromptEncoders, dict[str, Any]]:
+    """Tokenizers and text encoders of a diffusers pipeline folder, offline: `(encoders, params)`.
+
+    SD 1.x/2.x folders hold `text_encoder` (+ `tokenizer`); SD3 folders add `text_encoder_2` and,
+    unless saved without it, `text_encoder_3` (T5). `dtype`/`compute_dtype` as in `load_component`;
+    `max_sequence_length` is SD3's T5 token count.
+    """
+    path = Path(path)
+    index = files.read_json(path / "model_index.json")
+    if "text_encoder_3" in index:
+        family: Family = "sd3"
+    elif "text_encoder_2" in index:
+        raise ValueError(f"{path / 'model_index.json'}: a text_encoder_2 without text_encoder_3 (SDXL?) is not supported")
+    else:
+        family = "sd"
+    components = ("text_encoder", "text_encoder_2", "text_encoder_3") if family == "sd3" else ("text_encoder",)
+    tokenizers, models, params = {}, {}, {}
+    for c in components:
+        if _absent(index, c):
+            if c != "text_encoder_3":
+                raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {c}")
+            continue
+        models[c], params[c] = load_component(path, c, dtype, compute_dtype=compute_dtype)
+        tokenizers[c] = _load_tokenizer(path, TOKENIZERS[c], index)
+    clip_length = tokenizers["text_encoder"].model_max_length
+    max_lengths = {"text_encoder": clip_length}
+    joint_dim = None
+    if family == "sd3":
+        max_lengths.update(text_encoder_2=clip_length, text_encoder_3=max_sequence_length)
+        if "text_encoder_3" not in models:
+            joint_dim = files.read_json(files.component_dir(path, "transformer") / "config.json")["joint_attention_dim"]
+    return PromptEncoders(family, tokenizers, models, max_lengths, joint_dim), params
+
+
+def _absent(index: dict[str, Any], component: str) -> bool:
+    entry = index.get(component)
+    return not isinstance(entry, list) or entry[0] is None
+
+
+def _load_tokenizer(path: Path, component: str, index: dict[str, Any]) -> Any:
+    if _absent(index, component):
+        raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {component}")
+    cls = index[component][1]
+    if cls not in _TOKENIZER_CLASSES:
+        raise ValueError(f"{path / 'model_index.json'}: tokenizer class {cls!r} of {component} is not supported "
+                         f"(supported: {_TOKENIZER_CLASSES})")
+    folder = path / component
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: tokenizer folder named in model_index.json is missing")
+    import transformers  # imported here: only loading needs it, and it is slow to import
+
+    return getattr(transformers, cls).from_pretrained(folder)
