@@ -14,9 +14,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh, Sharding
 
 from conversion import files, names
+from ctcal_jax import sharding
 
 # diffusers / transformers class name -> family module.
 FAMILIES = {
@@ -60,8 +63,15 @@ def load_component(
     compute_dtype: Any = None,
     variant: str | None = None,
     allow_pickle: bool = False,
+    mesh: Mesh | None = None,
+    rules: sharding.Rules | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load one component of a diffusers pipeline (or a component folder) as Flax module + params.
+
+    The weights are memory-mapped; names and shapes are checked against the module's abstract
+    parameters before any tensor data is read. Then each parameter (with a mesh, each slice a device
+    holds) is read into a host array of `dtype` and placed, one tensor at a time: besides what the
+    devices hold, the host never holds more than one tensor, never a copy of the whole model.
 
     Args:
       path: a pipeline folder (with `model_index.json`) or a single component folder.
@@ -69,10 +79,28 @@ def load_component(
       dtype: dtype of the returned parameters (and the compute dtype unless `compute_dtype`).
       compute_dtype: dtype the module computes in, e.g. bf16 over fp32 params.
       variant: weights variant such as `"fp16"` (`diffusion_pytorch_model.fp16.safetensors`).
-      allow_pickle: accept `.bin/.ckpt/.pt` weights, read with `torch.load(weights_only=True)`.
+      allow_pickle: accept `.bin/.ckpt/.pt` weights, read with `torch.load(weights_only=True)`
+        (torch materialises the whole state dict in host memory first; then as for safetensors).
+      mesh: place every parameter directly with its `NamedSharding` on this mesh: each device's
+        shard is read from the file (only that slice of the tensor) and converted by itself, so a
+        model larger than one device, or than host RAM, loads. Without a mesh, parameters are
+        uncommitted arrays on the default device.
+      rules: regex sharding rules over '/'-joined parameter paths (`ctcal_jax.sharding`); default
+        `ctcal_jax.sharding.DEFAULT_RULES`. Only with `mesh`.
+
+    Returns:
+      `(module, params)`: the Flax module and a dict tree of `jax.Array`s; with `mesh`,
+      `params` leaves have `sharding.param_shardings(params, rules, mesh)` as their shardings.
+
+    Raises:
+      ValueError / FileNotFoundError naming the folder, file or key: missing files, unknown classes,
+      unsupported config values, unexpected or missing keys and shape mismatches (checkpoint and
+      model shapes), pickle weights without `allow_pickle`; a parameter no rule matches.
     """
     if component not in COMPONENT_CLASSES:
         raise ValueError(f"unknown component {component!r}; expected one of {list(COMPONENT_CLASSES)}")
+    if rules is not None and mesh is None:
+        raise ValueError("load_component: rules= places parameters on a mesh; pass mesh= too")
     folder = files.component_dir(path, component)
     config_file = folder / "config.json"
     config = files.read_json(config_file)
@@ -85,10 +113,46 @@ def load_component(
     fam = family(cls, config_file)
     module = fam.build(config, dtype=compute_dtype or dtype)
     state = files.read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
-    params = names.torch_to_flax(
+    # Leaves are views of the memory-mapped file in the Flax layout (transposes are views): checking
+    # them reads headers only.
+    views = names.torch_to_flax(
         state, fam.abstract_params(module, config), source=str(folder), rename=getattr(fam, "rename", None)
     )
-    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    dtype = jax.dtypes.canonicalize_dtype(dtype)
+    if mesh is None:
+        return module, jax.tree.map(lambda x: _to_default_device(x, dtype), views)
+    shardings = sharding.param_shardings(views, rules or sharding.DEFAULT_RULES, mesh)
+    return module, jax.tree.map(lambda x, s: _to_mesh(x, dtype, s), views, shardings)
+
+
+def _read(x: np.ndarray, index: tuple[slice, ...], dtype: np.dtype) -> np.ndarray:
+    """`x[index]` in `dtype`, as a new C-contiguous host array: reads that slice of `x` only.
+
+    Always a copy, even where no conversion is needed: JAX's CPU backend adopts a suitably aligned
+    host array instead of copying it, and a view of the memory-mapped file must not become a
+    parameter (rewriting the file in place would change it; truncating it would fault).
+    """
+    return np.array(x[index], dtype=dtype, order="C")
+
+
+def _to_default_device(x: np.ndarray, dtype: np.dtype) -> jax.Array:
+    """One tensor as an uncommitted array on the default device (what `jnp.asarray` gives)."""
+    return jax.device_put(_read(x, (), dtype))
+
+
+def _to_mesh(x: np.ndarray, dtype: np.dtype, target: Sharding) -> jax.Array:
+    """One tensor created directly with its sharding, each addressable device's slice read and
+    converted alone. Devices that hold the same slice (replicas over `data`) share one host copy, so
+    the host holds at most one tensor's worth of slices at a time."""
+    slices: dict[tuple, np.ndarray] = {}
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in slices:
+            slices[key] = _read(x, index, dtype)
+        return slices[key]
+
+    return jax.make_array_from_callback(x.shape, target, read, dtype=dtype)
 
 
 def config_value(config: dict[str, Any], key: str, allowed: Any, config_file: str = "config.json") -> Any:
