@@ -70,6 +70,7 @@ import importlib
 import json
 import math
 import os
+import resource
 import statistics
 import sys
 import time
@@ -102,10 +103,11 @@ from benchmarks.common import (  # noqa: E402
 from ctcal_jax import ctcal, lora, schedules, text  # noqa: E402
 from ctcal_jax.families.mmdit import make_family as make_sd3_family  # noqa: E402
 from ctcal_jax.families.unet import make_family  # noqa: E402
+from ctcal_jax.models import remat as remat_lib  # noqa: E402
 from ctcal_jax.optim import adamw_groups  # noqa: E402
 from ctcal_jax.paths import join_path  # noqa: E402
 from ctcal_jax.sharding import make_mesh, param_shardings  # noqa: E402
-from ctcal_jax.train_step import init_state, make_step_fn, make_train_step, place  # noqa: E402
+from ctcal_jax.train_step import init_state, loss_fn, make_step_fn, make_train_step, place  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- presets
 
@@ -259,31 +261,42 @@ def ctcal_config(family: str) -> ctcal.CTCALConfig:
     return ctcal.default_config(family)
 
 
-def jax_family(family: str, modules: dict[str, Any], preset: dict[str, Any], explicit: bool = False):
-    """The step's `Family`; `explicit` rebuilds every module with `implementation="explicit"`."""
+def jax_family(family: str, modules: dict[str, Any], preset: dict[str, Any], explicit: bool = False,
+               remat: str | None = None):
+    """The step's `Family`; `explicit` rebuilds every module with `implementation="explicit"`; `remat`
+    (default: the preset's, else "none") is what each block keeps for the backward pass."""
     if explicit:
         modules = {k: m.clone(implementation="explicit") for k, m in modules.items()}
+    remat = remat or preset.get("remat", "none")
     texts = {c: modules[c] for c in TEXT_ENCODERS[family]}
     config = ctcal_config(family)
     if family == "sd2":
         encoders = text.PromptEncoders("sd", {}, texts, {"text_encoder": 77})
         return make_family(modules["unet"], encoders, config, schedule=schedules.ddpm_schedule(),
-                           prediction_type=PREDICTION_TYPE, resolution=preset["resolution"])
+                           prediction_type=PREDICTION_TYPE, resolution=preset["resolution"], remat=remat)
     encoders = text.PromptEncoders("sd3", {}, texts, {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256},
                                    joint_attention_dim=preset["transformer"]["joint_attention_dim"])
-    return make_sd3_family(modules["transformer"], encoders, config, shift=SD3_SHIFT)
+    return make_sd3_family(modules["transformer"], encoders, config, shift=SD3_SHIFT, remat=remat)
 
 
 def build_jax_step(family: str, modules: dict[str, Any], frozen, trainable, preset: dict[str, Any]):
     """`(train_step, state, optimizer)` on a one-device mesh (the torch side uses one device)."""
     optimizer = jax_optimizer(family, trainable)
+    state = init_state(trainable, optimizer)
+    step, frozen_sh, state_sh = one_device_step(jax_family(family, modules, preset), optimizer, frozen, state,
+                                                place_frozen=True)
+    return step, place(state, state_sh), optimizer
+
+
+def one_device_step(fam, optimizer, frozen, state, place_frozen: bool):
+    """`(train_step, frozen shardings, state shardings)`: `make_train_step` on a one-device mesh.
+    `frozen` may be abstract (`place_frozen=False`): `train_step.jitted` then lowers and compiles."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
     frozen_sh = param_shardings(frozen, [(r".*", ())], mesh)
-    state = init_state(trainable, optimizer)
     state_sh = param_shardings(state, [(r".*", ())], mesh)
-    step = make_train_step(jax_family(family, modules, preset), optimizer, place(frozen, frozen_sh), mesh=mesh,
+    step = make_train_step(fam, optimizer, place(frozen, frozen_sh) if place_frozen else frozen, mesh=mesh,
                            frozen_shardings=frozen_sh, state_shardings=state_sh)
-    return step, place(state, state_sh), optimizer
+    return step, frozen_sh, state_sh
 
 
 def jax_step0_draws(family: str, rng: jax.Array, batch_size: int,
@@ -306,9 +319,10 @@ def jax_step0_draws(family: str, rng: jax.Array, batch_size: int,
 
 def step_flops(family: str, modules, preset, optimizer, frozen, state, batch, rng) -> float | None:
     """Model FLOPs of one step: XLA's cost analysis of the step lowered with explicit attention
-    (every attention matmul visible; no compilation, abstract shapes only). None, with a warning,
-    where the backend offers no cost analysis."""
-    fam = jax_family(family, modules, preset, explicit=True)
+    (every attention matmul visible; no compilation, abstract shapes only) and without remat (no
+    recomputation counted, whatever the preset runs). None, with a warning, where the backend offers
+    no cost analysis."""
+    fam = jax_family(family, modules, preset, explicit=True, remat="none")
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (frozen, state, batch, rng))
     try:
         return float(jax.jit(make_step_fn(fam, optimizer)).lower(*shapes).cost_analysis()["flops"])
@@ -660,11 +674,9 @@ def build_models(family: str, preset: dict[str, Any]):
     return torch_models, modules, frozen
 
 
-def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
-    """The JAX step at the preset's full size with abstract weights: no weights, no PyTorch model,
-    no compilation, so a CPU can check a GPU preset before a GPU is rented. Traces the whole step
-    (`jax.eval_shape`; any shape or dtype error surfaces here) and counts its model FLOPs the way the
-    timed run does. Returns parameter counts, the step's metric names and FLOPs per step."""
+def abstract_setup(preset: dict[str, Any]) -> SimpleNamespace:
+    """The JAX step's inputs at the preset's full size as `jax.ShapeDtypeStruct`s (no weights, no
+    PyTorch model): `family, modules, frozen, trainable, optimizer, state, batch, rng`."""
     family, dtype = preset["family"], jnp.dtype(preset["dtype"])
     modules, frozen = {}, {}
     for name, (cls, conversion, config) in components(preset).items():
@@ -678,22 +690,67 @@ def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
     optimizer = jax_optimizer(family, trainable)
     state = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(preset))
-    rng = jax.random.key(0)
-    new_state, metrics = jax.eval_shape(make_step_fn(jax_family(family, modules, preset), optimizer),
-                                        frozen, state, batch, rng)
+    return SimpleNamespace(family=family, modules=modules, frozen=frozen, trainable=trainable,
+                           optimizer=optimizer, state=state, batch=batch, rng=jax.random.key(0))
+
+
+def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
+    """The JAX step at the preset's full size with abstract weights: no weights, no PyTorch model,
+    no compilation, so a CPU can check a GPU preset before a GPU is rented. Traces the whole step
+    (`jax.eval_shape`; any shape or dtype error surfaces here) and counts its model FLOPs the way the
+    timed run does. Returns parameter counts, the step's metric names and FLOPs per step."""
+    s = abstract_setup(preset)
+    new_state, metrics = jax.eval_shape(make_step_fn(jax_family(s.family, s.modules, preset), s.optimizer),
+                                        s.frozen, s.state, s.batch, s.rng)
     def specs(tree: Any) -> Any:
         return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
-    if specs(new_state) != specs(state):
+    if specs(new_state) != specs(s.state):
         raise AssertionError("dry run: the step changes the state's structure, shapes or dtypes")
 
     def count(tree: Any) -> int:
         return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
     return {
-        "frozen_params": {k: count(v) for k, v in frozen.items()},
-        "trainable_params": {k: count(v) for k, v in trainable.items()},
+        "remat": preset.get("remat", "none"),
+        "frozen_params": {k: count(v) for k, v in s.frozen.items()},
+        "trainable_params": {k: count(v) for k, v in s.trainable.items()},
         "metrics": {k: f"{v.dtype}{list(v.shape)}" for k, v in metrics.items()},
-        "flops_per_step": step_flops(family, modules, preset, optimizer, frozen, state, batch, rng),
+        "flops_per_step": step_flops(s.family, s.modules, preset, s.optimizer, s.frozen, s.state, s.batch, s.rng),
     }
+
+
+def compile_policies(preset: dict[str, Any], policies: list[str]) -> list[dict[str, Any]]:
+    """Lower and compile the full-size step (`make_train_step`'s jit, one device, abstract weights) on
+    this machine's backend once per remat policy. Per policy: lowering and compilation wall time,
+    XLA's `memory_analysis()` of the compiled step (temp = the activations and scratch XLA plans,
+    argument, output, alias = donated state reused for the output, generated code), the bytes JAX's
+    autodiff keeps for the backward pass (`models.remat.kept_bytes` of the loss w.r.t. the trainable
+    tree: the policy itself, before any backend schedules it) and this process's peak RSS so far."""
+    s = abstract_setup(preset)
+    rows = []
+    for policy in policies:
+        fam = jax_family(s.family, s.modules, preset, remat=policy)
+
+        def loss(trainable, frozen, batch, fam=fam):
+            frozen, batch = jax.lax.stop_gradient((frozen, batch))
+            return loss_fn(fam, trainable, frozen, batch, s.rng)[0]
+        kept = remat_lib.kept_bytes(loss, s.trainable, s.frozen, s.batch)
+        step, _, _ = one_device_step(fam, s.optimizer, s.frozen, s.state, place_frozen=False)
+        start = time.perf_counter()
+        lowered = step.jitted.lower(s.frozen, s.state, s.batch, s.rng)
+        lowered_at = time.perf_counter()
+        compiled = lowered.compile()
+        compiled_at = time.perf_counter()
+        mem = compiled.memory_analysis()
+        rows.append({
+            "remat": policy, "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
+            "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
+            "generated_code_bytes": mem.generated_code_size_in_bytes, "kept_for_backward_bytes": kept,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        })
+        print_compile_row(rows[-1], header=len(rows) == 1)
+        del compiled, lowered
+    return rows
 
 
 def to_torch_side(family: str, models: dict[str, Any], trainable: dict[str, Any], preset: dict[str, Any]):
@@ -769,12 +826,24 @@ def print_report(results: dict[str, Any]) -> None:
 def print_dry_run(r: dict[str, Any]) -> None:
     def millions(counts: dict[str, int]) -> str:
         return ", ".join(f"{k} {v / 1e6:.4g} M" for k, v in counts.items())
-    print(f"Dry run, preset {r['preset']} ({r['dtype']}, batch {r['batch']}): the step traces at full size.")
+    print(f"Dry run, preset {r['preset']} ({r['dtype']}, batch {r['batch']}, remat {r['remat']}): "
+          "the step traces at full size.")
     print(f"frozen parameters:    {millions(r['frozen_params'])}")
     print(f"trainable parameters: {millions(r['trainable_params'])}")
     print(f"metrics: {', '.join(f'{k} {v}' for k, v in r['metrics'].items())}")
     print(f"FLOPs per step {_fmt(r['flops_per_step'], '.4g')} (model FLOPs, explicit attention), "
           f"per sample {_fmt(r['flops_per_step'] and r['flops_per_step'] / r['batch'], '.4g')}")
+
+
+def print_compile_row(r: dict[str, Any], header: bool) -> None:
+    gib = 2.0 ** 30
+    if header:
+        print(f"{'remat':6s} {'lower (s)':>9s} {'compile (s)':>11s} {'temp GiB':>9s} {'args GiB':>9s} "
+              f"{'out GiB':>8s} {'alias GiB':>9s} {'code MiB':>8s} {'kept GiB':>9s} {'peak RSS GiB':>12s}")
+    print(f"{r['remat']:6s} {r['lower_s']:9.1f} {r['compile_s']:11.1f} {r['temp_bytes'] / gib:9.3f} "
+          f"{r['argument_bytes'] / gib:9.3f} {r['output_bytes'] / gib:8.3f} {r['alias_bytes'] / gib:9.3f} "
+          f"{r['generated_code_bytes'] / 2 ** 20:8.1f} {r['kept_for_backward_bytes'] / gib:9.3f} "
+          f"{r['peak_rss_bytes'] / gib:12.2f}", flush=True)
 
 
 def write_json(path: Path | None, results: dict[str, Any]) -> dict[str, Any]:
@@ -869,15 +938,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after step 0")
     parser.add_argument("--batch", type=int, help="override the preset's batch size")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak bf16 TFLOP/s, for MFU (default: table)")
+    parser.add_argument("--remat", choices=sorted(remat_lib.POLICIES), default="none",
+                        help="what each block of the JAX denoiser and text encoders keeps for the backward "
+                             "pass (ctcal_jax/models/remat.py); FLOPs per step are counted without it")
     parser.add_argument("--dry-run", action="store_true",
                         help="trace the JAX step at full size with abstract weights and count its FLOPs; "
                              "nothing is timed, no PyTorch model is built (a CPU check of a GPU preset)")
+    parser.add_argument("--compile", nargs="*", choices=sorted(remat_lib.POLICIES), metavar="REMAT",
+                        help="with --dry-run: also lower and compile the full-size step on this machine for "
+                             "each remat policy given (none given: none, dots, full) and print lowering and "
+                             "compile times and XLA's memory analysis per policy")
     args = parser.parse_args(argv)
     preset = dict(PRESETS[args.preset])
     preset["batch"] = args.batch or preset["batch"]
+    preset["remat"] = args.remat
+    if args.compile is not None and not args.dry_run:
+        parser.error("--compile needs --dry-run (it compiles the abstract full-size step)")
     if args.dry_run:
         results = {"preset": args.preset, "batch": preset["batch"], "dtype": preset["dtype"], **dry_run(preset)}
         print_dry_run(results)
+        if args.compile is not None:
+            policies = args.compile or ["none", "dots", "full"]
+            results["device"] = describe_device()
+            results["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+            print(f"\nCompiled step per remat policy, {results['device']['jax']} "
+                  f"({results['device']['cpu']}), XLA_FLAGS={results['xla_flags']!r}:")
+            results["compile"] = compile_policies(preset, policies)
         return write_json(args.json, results)
     device = {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     results = {"preset": args.preset, "device": device,

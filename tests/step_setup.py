@@ -109,9 +109,10 @@ def _models(family: str, dtype):
 
 
 def setup(family: str = "sd2", data: int = 1, fsdp: int = 1, accum_steps: int = 1,
-          config: ctcal.CTCALConfig | None = None, devices=None, compute_dtype=jnp.float32) -> SimpleNamespace:
+          config: ctcal.CTCALConfig | None = None, devices=None, compute_dtype=jnp.float32,
+          remat: str = "none") -> SimpleNamespace:
     """`SimpleNamespace(step, state, frozen, family, optimizer)` on a (data, fsdp) mesh; frozen and
-    trainable weights are float32 whatever `compute_dtype` the models run in."""
+    trainable weights are float32 whatever `compute_dtype` the models run in; `remat` goes to the family."""
     name, denoiser, frozen, encoders = _models(family, compute_dtype)
     rng = jax.random.split(jax.random.key(2), 2 + len(encoders.models))
     trainable = {name: lora.init(rng[0], frozen[name], rank=4, alpha=4), "ae": ctcal.init_autoencoder(rng[1], 16)}
@@ -123,12 +124,12 @@ def setup(family: str = "sd2", data: int = 1, fsdp: int = 1, accum_steps: int = 
     if family == "sd2":
         config = config or ctcal.default_config("sd2")
         fam = sd2_step.make_family(denoiser, encoders, config, schedule=schedules.ddpm_schedule(),
-                                   prediction_type="v_prediction")
+                                   prediction_type="v_prediction", remat=remat)
     else:
         # The fixed SD3 teacher (t = 570.6 at shift 3) leaves few small-t_stu samples in a tiny batch;
         # the tests use a low fixed teacher so every sample has a CTCAL term.
         config = config or ctcal.CTCALConfig(**{**ctcal.default_config("sd3").__dict__, "teacher_t": 0.0})
-        fam = sd3_step.make_family(denoiser, encoders, config)
+        fam = sd3_step.make_family(denoiser, encoders, config, remat=remat)
     optimizer = adamw_groups(trainable, [(rf"^({name}|ae)/", 1e-3, 0.01), (r"^text_encoder", 1e-4, 0.01)])
     mesh = make_mesh(data, fsdp, devices)
     frozen_sh = param_shardings(frozen, [(r".*/kernel$", ("fsdp_largest",)), (r".*", ())], mesh)

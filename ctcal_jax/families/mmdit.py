@@ -23,7 +23,8 @@ from flax import linen as nn
 
 from ctcal_jax import ctcal, schedules, text
 from ctcal_jax.attention import AttnCapture
-from ctcal_jax.families.unet import encode, variables
+from ctcal_jax.families.unet import encode, variables, with_remat
+from ctcal_jax.models import remat as remat_lib
 from ctcal_jax.train_step import Family
 
 CLIP_TOKENS = 77
@@ -38,13 +39,17 @@ def make_family(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     capture_blocks: tuple[int, ...] | None = None,
+    remat: remat_lib.Remat = "none",
 ) -> Family:
-    """The SD3 `Family`. `capture_blocks=None` captures every joint block (SPEC §2).
+    """The SD3 `Family`. `capture_blocks=None` captures every joint block (SPEC §2); `remat` is what
+    each block of the MM-DiT and the text encoders keeps for the backward pass (`models.remat`).
 
     The fixed teacher timestep (`argmax_k p_k / t_k` of this sampler, unless the config sets
     `teacher_t`) is computed here, on the host, once, and logged; the returned family's config
     carries it.
     """
+    encoders = with_remat(encoders, remat)
+    transformer = transformer.clone(remat=remat)
     num_t = config.num_train_timesteps
     if config.teacher == "priority" and config.teacher_t is None:
         t_tea = ctcal.teacher_timestep("logit_normal", shift, logit_mean, logit_std, num_t)

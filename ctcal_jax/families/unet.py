@@ -11,6 +11,7 @@ latent, the same noise and the same current weights, under `stop_gradient`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ from flax import linen as nn
 
 from ctcal_jax import ctcal, schedules, text
 from ctcal_jax.attention import AttnCapture
+from ctcal_jax.models import remat as remat_lib
 from ctcal_jax.train_step import Family
 
 
@@ -34,6 +36,12 @@ def encode(encoders: text.PromptEncoders, frozen: Any, trainable: Any, batch: An
                                lora={c: trainable[c] for c in encoders.models if c in trainable}, **kwargs)
 
 
+def with_remat(encoders: text.PromptEncoders, remat: remat_lib.Remat) -> text.PromptEncoders:
+    """`encoders` with every text model's `remat` set (`models.remat`); raises ValueError for an unknown policy."""
+    remat_lib.check(remat)
+    return dataclasses.replace(encoders, models={c: m.clone(remat=remat) for c, m in encoders.models.items()})
+
+
 def make_family(
     unet: nn.Module,
     encoders: text.PromptEncoders,
@@ -42,8 +50,12 @@ def make_family(
     schedule: schedules.Schedule,
     prediction_type: schedules.PredictionType = "epsilon",
     resolution: int = 16,
+    remat: remat_lib.Remat = "none",
 ) -> Family:
-    """The SD 1.x/2.x `Family`; `resolution` picks the UNet layers whose maps are captured."""
+    """The SD 1.x/2.x `Family`; `resolution` picks the UNet layers whose maps are captured, `remat` what
+    each block of the UNet and the text encoder keeps for the backward pass (`models.remat`)."""
+    encoders = with_remat(encoders, remat)
+    unet = unet.clone(remat=remat)
     capture = AttnCapture(resolutions=(resolution,))
     num_t = schedule["alphas_cumprod"].shape[0]
 

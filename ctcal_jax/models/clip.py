@@ -26,6 +26,7 @@ from flax import linen as nn
 from ctcal_jax import attention as attn_lib
 from ctcal_jax import lora
 from ctcal_jax.lora import Dense
+from ctcal_jax.models.remat import Remat, block as remat_block
 
 Activation = Literal["quick_gelu", "gelu"]
 
@@ -116,13 +117,15 @@ class CLIPEncoder(nn.Module):
     eps: float
     implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> list[jax.Array]:
         outs = []
+        layer_cls = remat_block(CLIPEncoderLayer, self.remat)
         for i in range(self.num_layers):
-            x = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps,
-                                 self.implementation, self.dtype, name=f"layers_{i}")(x)
+            x = layer_cls(self.heads, self.intermediate_size, self.hidden_act, self.eps,
+                          self.implementation, self.dtype, name=f"layers_{i}")(x)
             outs.append(x)
         return outs
 
@@ -160,13 +163,14 @@ class CLIPTextTransformer(nn.Module):
     eos_token_id: int
     implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array):
         x = CLIPTextEmbeddings(self.vocab_size, self.max_position_embeddings, self.hidden_size, self.dtype,
                                name="embeddings")(input_ids)
         outs = CLIPEncoder(self.num_layers, self.heads, self.intermediate_size, self.hidden_act, self.eps,
-                           self.implementation, self.dtype, name="encoder")(x)
+                           self.implementation, self.dtype, self.remat, name="encoder")(x)
         last = _layer_norm(self.eps, self.dtype, "final_layer_norm")(outs[-1])
         eos = eos_positions(input_ids, self.eos_token_id)
         pooled = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
@@ -176,7 +180,8 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(nn.Module):
     """transformers `CLIPTextModel`, or `CLIPTextModelWithProjection` when `projection_dim` is set.
 
-    `implementation="explicit"` forms the attention matrices (reference path).
+    `implementation="explicit"` forms the attention matrices (reference path). `remat` is what each
+    encoder layer keeps for the backward pass (`models.remat`).
     """
 
     vocab_size: int = 49408
@@ -191,6 +196,7 @@ class CLIPTextModel(nn.Module):
     projection_dim: int | None = None
     implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> dict[str, Any]:
@@ -198,7 +204,7 @@ class CLIPTextModel(nn.Module):
         last, pooled, hidden = CLIPTextTransformer(
             self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
             self.num_attention_heads, self.max_position_embeddings, self.hidden_act, self.layer_norm_eps,
-            self.eos_token_id, self.implementation, self.dtype, name="text_model")(input_ids)
+            self.eos_token_id, self.implementation, self.dtype, self.remat, name="text_model")(input_ids)
         if self.projection_dim is not None:
             pooled = Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
         out: dict[str, Any] = {"last_hidden_state": last, "pooled": pooled}

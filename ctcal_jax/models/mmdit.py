@@ -31,6 +31,7 @@ from ctcal_jax import lora
 from ctcal_jax.attention import TACA, AttnCapture
 from ctcal_jax.lora import Dense
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
+from ctcal_jax.models.remat import Remat, block as remat_block
 from ctcal_jax.models.unet import Proj
 
 
@@ -206,7 +207,7 @@ class JointTransformerBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context, temb, *, gamma=None, capture: bool = False):
+    def __call__(self, x, context, temb, gamma=None, capture: bool = False):
         def attention(name, **kw):
             return JointAttention(self.heads, self.dim_head, self.qk_norm, implementation=self.implementation,
                                   dtype=self.dtype, name=name, **kw)
@@ -241,7 +242,8 @@ class SD3Transformer2DModel(nn.Module):
     """diffusers `SD3Transformer2DModel` (SD3, SD3.5-medium with `dual_attention_layers`, SD3.5-large).
 
     Fields are diffusers' config keys. `implementation="explicit"` forms the attention matrices
-    (the reference path the tests compare the fused one with).
+    (the reference path the tests compare the fused one with). `remat` is what each joint block
+    keeps for the backward pass (`models.remat`).
     """
 
     sample_size: int = 128
@@ -259,6 +261,7 @@ class SD3Transformer2DModel(nn.Module):
     qk_norm: str | None = None
     implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(
@@ -289,15 +292,16 @@ class SD3Transformer2DModel(nn.Module):
                         name="context_embedder")(encoder_hidden_states.astype(self.dtype))
 
         maps = []
+        block_cls = remat_block(JointTransformerBlock, self.remat, static_argnums=(5,))  # capture
         for i in range(self.num_layers):
-            block = JointTransformerBlock(
+            block = block_cls(
                 self.num_attention_heads, self.attention_head_dim,
                 context_pre_only=i == self.num_layers - 1,
                 use_dual_attention=i in self.dual_attention_layers,
                 qk_norm=self.qk_norm, implementation=self.implementation, dtype=self.dtype,
                 name=f"transformer_blocks_{i}",
             )
-            x, context, m = block(x, context, temb, gamma=gamma, capture=i in captured)
+            x, context, m = block(x, context, temb, gamma, i in captured)
             if m is not None:
                 maps.append(m)
 

@@ -27,6 +27,7 @@ from flax import linen as nn
 from ctcal_jax import attention as attn_lib
 from ctcal_jax import lora
 from ctcal_jax.lora import Dense
+from ctcal_jax.models.remat import Remat, block as remat_block
 
 Activation = Literal["relu", "gelu_new", "gelu"]
 
@@ -164,13 +165,15 @@ class T5Stack(nn.Module):
 
     s: T5Settings
     num_layers: int
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array):
         hidden = [x]
         position_bias = None
+        block_cls = remat_block(T5Block, self.remat)
         for i in range(self.num_layers):
-            x, position_bias = T5Block(self.s, i == 0, name=f"block_{i}")(x, position_bias)
+            x, position_bias = block_cls(self.s, i == 0, name=f"block_{i}")(x, position_bias)
             hidden.append(x)
         last = _rms_norm(self.s, "final_layer_norm")(x)
         return last, (*hidden[:-1], last)
@@ -179,7 +182,8 @@ class T5Stack(nn.Module):
 class T5EncoderModel(nn.Module):
     """transformers `T5EncoderModel` (T5 v1.1 / SD3: `feed_forward_proj="gated-gelu"`).
 
-    `implementation="explicit"` forms the attention matrices (reference path).
+    `implementation="explicit"` forms the attention matrices (reference path). `remat` is what each
+    block keeps for the backward pass (`models.remat`).
     """
 
     vocab_size: int = 32128
@@ -195,6 +199,7 @@ class T5EncoderModel(nn.Module):
     is_gated_act: bool = True
     implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> dict[str, Any]:
@@ -203,7 +208,7 @@ class T5EncoderModel(nn.Module):
                        self.relative_attention_max_distance, self.layer_norm_epsilon, self.dense_act_fn,
                        self.is_gated_act, self.implementation, self.dtype)
         x = nn.Embed(self.vocab_size, self.d_model, dtype=self.dtype, name="shared")(input_ids)
-        last, hidden = T5Stack(s, self.num_layers, name="encoder")(x)
+        last, hidden = T5Stack(s, self.num_layers, self.remat, name="encoder")(x)
         out: dict[str, Any] = {"last_hidden_state": last}
         if output_hidden_states:
             out["hidden_states"] = hidden

@@ -25,6 +25,7 @@ from ctcal_jax import lora
 from ctcal_jax.attention import AttnCapture
 from ctcal_jax.lora import Dense
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
+from ctcal_jax.models.remat import Remat, block as remat_block
 from ctcal_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 Maps = list[jax.Array]  # each [B, h, w, T] float32
@@ -145,25 +146,28 @@ class Transformer2DModel(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class _Shared:
-    """Settings every block of one UNet shares."""
+    """Settings every block of one UNet shares. The resnets and transformers are the blocks `remat`
+    applies to (`models.remat`)."""
 
     groups: int
     eps: float
     use_linear_projection: bool
     implementation: attn_lib.Implementation
     dtype: Any
+    remat: Remat = "none"
 
     def resnet(self, out_channels: int, name: str, scale: float = 1.0) -> ResnetBlock2D:
-        return ResnetBlock2D(out_channels, groups=self.groups, eps=self.eps, output_scale_factor=scale,
-                             dtype=self.dtype, name=name)
+        return remat_block(ResnetBlock2D, self.remat)(
+            out_channels, groups=self.groups, eps=self.eps, output_scale_factor=scale, dtype=self.dtype, name=name)
 
     def transformer(self, channels: int, heads: int, layers: int, name: str) -> Transformer2DModel:
-        return Transformer2DModel(heads, channels // heads, layers, self.groups, self.use_linear_projection,
-                                  self.implementation, self.dtype, name=name)
+        return remat_block(Transformer2DModel, self.remat, static_argnums=(3,))(  # capture
+            heads, channels // heads, layers, self.groups, self.use_linear_projection, self.implementation,
+            self.dtype, name=name)
 
 
 def _attend(block: Transformer2DModel, x, context, resolutions, maps: Maps):
-    x, m = block(x, context, capture=x.shape[1] in resolutions)
+    x, m = block(x, context, x.shape[1] in resolutions)  # positional: remat keeps `capture` static
     maps.extend(m)
     return x
 
@@ -243,6 +247,7 @@ class UNet2DConditionModel(nn.Module):
 
     `num_attention_heads` is per down block (diffusers' legacy `attention_head_dim` config value
     means the same). `implementation="explicit"` forms attention matrices (reference path).
+    `remat` is what each resnet and transformer block keeps for the backward pass (`models.remat`).
     """
 
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
@@ -264,6 +269,7 @@ class UNet2DConditionModel(nn.Module):
     conv_out_kernel: int = 3
     implementation: attn_lib.Implementation = "auto"
     dtype: Any = jnp.float32
+    remat: Remat = "none"
 
     @nn.compact
     def __call__(
@@ -276,7 +282,7 @@ class UNet2DConditionModel(nn.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         lora.check_collection(self)
         shared = _Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection,
-                         self.implementation, self.dtype)
+                         self.implementation, self.dtype, self.remat)
         resolutions = () if capture is None else tuple(capture.resolutions)
         context = encoder_hidden_states.astype(self.dtype)
         n_blocks = len(self.block_out_channels)
