@@ -66,6 +66,7 @@ Output: a table (speed-up JAX / PyTorch is the headline), the step-0 comparison,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import math
@@ -107,7 +108,7 @@ from ctcal_jax.models import remat as remat_lib  # noqa: E402
 from ctcal_jax.optim import adamw_groups  # noqa: E402
 from ctcal_jax.paths import join_path  # noqa: E402
 from ctcal_jax.sharding import make_mesh, param_shardings  # noqa: E402
-from ctcal_jax.train_step import init_state, loss_fn, make_step_fn, make_train_step, place  # noqa: E402
+from ctcal_jax.train_step import Family, init_state, loss_fn, make_step_fn, make_train_step, place  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- presets
 
@@ -317,12 +318,26 @@ def jax_step0_draws(family: str, rng: jax.Array, batch_size: int,
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def step_flops(family: str, modules, preset, optimizer, frozen, state, batch, rng) -> float | None:
+def merged_lora(fam: Family) -> Family:
+    """`fam` as the step was before LoRA was applied unmerged: every adapter merged into a full-size
+    copy of its weights inside the step (`W + (α/r)·A@B`, differentiated through). For the FLOP
+    comparison of `--dry-run` only."""
+    def forward(frozen, trainable, batch, rng):
+        adapted = {c: lp for c, lp in trainable.items() if c in frozen}
+        frozen = {**frozen, **{c: lora.merge(frozen[c], lp) for c, lp in adapted.items()}}
+        return fam.forward(frozen, {k: v for k, v in trainable.items() if k not in adapted}, batch, rng)
+
+    return dataclasses.replace(fam, forward=forward)
+
+
+def step_flops(family: str, modules, preset, optimizer, frozen, state, batch, rng,
+               merged: bool = False) -> float | None:
     """Model FLOPs of one step: XLA's cost analysis of the step lowered with explicit attention
     (every attention matmul visible; no compilation, abstract shapes only) and without remat (no
-    recomputation counted, whatever the preset runs). None, with a warning, where the backend offers
-    no cost analysis."""
+    recomputation counted, whatever the preset runs); `merged` counts the step with its LoRA merged
+    (`merged_lora`). None, with a warning, where the backend offers no cost analysis."""
     fam = jax_family(family, modules, preset, explicit=True, remat="none")
+    fam = merged_lora(fam) if merged else fam
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (frozen, state, batch, rng))
     try:
         return float(jax.jit(make_step_fn(fam, optimizer)).lower(*shapes).cost_analysis()["flops"])
@@ -715,6 +730,8 @@ def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": {k: count(v) for k, v in s.trainable.items()},
         "metrics": {k: f"{v.dtype}{list(v.shape)}" for k, v in metrics.items()},
         "flops_per_step": step_flops(s.family, s.modules, preset, s.optimizer, s.frozen, s.state, s.batch, s.rng),
+        "flops_per_step_lora_merged": step_flops(s.family, s.modules, preset, s.optimizer, s.frozen, s.state,
+                                                 s.batch, s.rng, merged=True),
     }
 
 
@@ -833,6 +850,10 @@ def print_dry_run(r: dict[str, Any]) -> None:
     print(f"metrics: {', '.join(f'{k} {v}' for k, v in r['metrics'].items())}")
     print(f"FLOPs per step {_fmt(r['flops_per_step'], '.4g')} (model FLOPs, explicit attention), "
           f"per sample {_fmt(r['flops_per_step'] and r['flops_per_step'] / r['batch'], '.4g')}")
+    merged = r.get("flops_per_step_lora_merged")
+    if merged and r["flops_per_step"]:
+        print(f"FLOPs per step with the LoRA merged into the weights inside the step (the old way): "
+              f"{merged:.4g}, {merged / r['flops_per_step']:.3f}× the unmerged step")
 
 
 def print_compile_row(r: dict[str, Any], header: bool) -> None:
