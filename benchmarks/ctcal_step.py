@@ -821,7 +821,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def print_report(results: dict[str, Any]) -> None:
     r = results
-    print(f"\nCTCAL train step, preset {r['preset']} ({r['dtype']}, batch {r['batch']}, median of {r['runs']})  —  "
+    print(f"\nCTCAL train step, preset {r['preset']} ({r['dtype']}, batch {r['batch']}, remat {r['remat']}, "
+          f"median of {r['runs']})  —  "
           f"{r['device']['jax']} / torch {r['device']['torch']}")
     print(f"{'implementation':30s} {'step (ms)':>10s} {'samples/s':>10s} {'vs PyTorch':>11s} "
           f"{'TFLOP/s':>8s} {'MFU':>7s}")
@@ -943,7 +944,7 @@ def run(preset: dict[str, Any], runs: int, warmup: int, peak: float | None) -> d
     s = setup(preset)
     compile_s = step0(s)
     times = time_round_robin_all({"jax": lambda: run_jax(s), "torch": s.torch_step}, runs, warmup)
-    return {"dtype": preset["dtype"], "batch": preset["batch"], "runs": runs,
+    return {"dtype": preset["dtype"], "batch": preset["batch"], "runs": runs, "remat": preset.get("remat", "none"),
             **summarise(s, preset, times, peak), "jax_first_step_s": compile_s}
 
 
