@@ -5,6 +5,7 @@ PyTorch/diffusers/peft, on the same machine in one run.
     python benchmarks/ctcal_step.py --preset cpu-small-sd3 --json out/ctcal_step.json
     python benchmarks/ctcal_step.py --preset sd21-512      --json out/ctcal_step.json   # GPU host
     python benchmarks/ctcal_step.py --preset sd3m-1024     --json out/ctcal_step.json   # GPU host
+    python benchmarks/ctcal_step.py --preset sd21-512 --dry-run --compile --json out/remat.json  # any host
 
 One step (SD 2.1 family, SPEC §3), identical on both sides:
 - CLIP text encoder with LoRA on its self-attention q/k/v/out (rank 4, alpha 4), one forward shared by
@@ -57,6 +58,17 @@ MFU = FLOPs per step / median step time / the device's peak dense bf16 FLOP/s (G
 CPU). FLOPs per step: XLA's HLO cost analysis of the same step lowered with explicit attention
 (`implementation="explicit"`, so attention counts as its two matmuls; the fused kernels are custom
 calls XLA cannot count), i.e. model FLOPs without recomputation, the same count for both sides.
+
+`--remat none|dots|full` sets what each block of the JAX denoiser and text encoders keeps for the
+backward pass (`ctcal_jax/models/remat.py`; the PyTorch side is unchanged); FLOPs per step and MFU
+stay model FLOPs, without the recomputation.
+
+`--dry-run --compile [REMAT ...]` lowers and compiles the preset's full-size JAX step on this
+machine's backend (abstract weights: nothing is allocated) once per remat policy (default: all three)
+and prints lowering and compile times, XLA's `memory_analysis()` of the compiled step (temp: the
+activations and scratch XLA plans; argument; output; alias), the bytes autodiff keeps for the
+backward pass (the policy itself, whatever the backend's scheduler does with it), the compiled
+step's FLOPs (recomputation included) and the process's peak RSS; `--json` gets them as `compile`.
 
 Output: a table (speed-up JAX / PyTorch is the headline), the step-0 comparison, and `--json` with
 `jax_samples_per_s`, `torch_samples_per_s`, `speedup`, `device`, `mfu` (JAX; `torch_mfu` beside it),
@@ -741,7 +753,8 @@ def compile_policies(preset: dict[str, Any], policies: list[str]) -> list[dict[s
     XLA's `memory_analysis()` of the compiled step (temp = the activations and scratch XLA plans,
     argument, output, alias = donated state reused for the output, generated code), the bytes JAX's
     autodiff keeps for the backward pass (`models.remat.kept_bytes` of the loss w.r.t. the trainable
-    tree: the policy itself, before any backend schedules it) and this process's peak RSS so far."""
+    tree: the policy itself, before any backend schedules it), the compiled step's FLOPs (XLA's cost
+    analysis: recomputation included) and this process's peak RSS so far."""
     s = abstract_setup(preset)
     rows = []
     for policy in policies:
@@ -758,12 +771,16 @@ def compile_policies(preset: dict[str, Any], policies: list[str]) -> list[dict[s
         compiled = lowered.compile()
         compiled_at = time.perf_counter()
         mem = compiled.memory_analysis()
+        try:
+            flops = float(compiled.cost_analysis()["flops"])
+        except Exception:  # noqa: BLE001 — a backend without cost analysis still gets its memory table
+            flops = None
         rows.append({
             "remat": policy, "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
             "temp_bytes": mem.temp_size_in_bytes, "argument_bytes": mem.argument_size_in_bytes,
             "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
             "generated_code_bytes": mem.generated_code_size_in_bytes, "kept_for_backward_bytes": kept,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "compiled_flops": flops, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         })
         print_compile_row(rows[-1], header=len(rows) == 1)
         del compiled, lowered
@@ -823,7 +840,8 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
 
 def print_report(results: dict[str, Any]) -> None:
     r = results
-    print(f"\nCTCAL train step, preset {r['preset']} ({r['dtype']}, batch {r['batch']}, median of {r['runs']})  —  "
+    print(f"\nCTCAL train step, preset {r['preset']} ({r['dtype']}, batch {r['batch']}, remat {r['remat']}, "
+          f"median of {r['runs']})  —  "
           f"{r['device']['jax']} / torch {r['device']['torch']}")
     print(f"{'implementation':30s} {'step (ms)':>10s} {'samples/s':>10s} {'vs PyTorch':>11s} "
           f"{'TFLOP/s':>8s} {'MFU':>7s}")
@@ -860,11 +878,13 @@ def print_compile_row(r: dict[str, Any], header: bool) -> None:
     gib = 2.0 ** 30
     if header:
         print(f"{'remat':6s} {'lower (s)':>9s} {'compile (s)':>11s} {'temp GiB':>9s} {'args GiB':>9s} "
-              f"{'out GiB':>8s} {'alias GiB':>9s} {'code MiB':>8s} {'kept GiB':>9s} {'peak RSS GiB':>12s}")
+              f"{'out GiB':>8s} {'alias GiB':>9s} {'code MiB':>8s} {'kept GiB':>9s} {'TFLOP':>7s} "
+              f"{'peak RSS GiB':>12s}")
     print(f"{r['remat']:6s} {r['lower_s']:9.1f} {r['compile_s']:11.1f} {r['temp_bytes'] / gib:9.3f} "
           f"{r['argument_bytes'] / gib:9.3f} {r['output_bytes'] / gib:8.3f} {r['alias_bytes'] / gib:9.3f} "
           f"{r['generated_code_bytes'] / 2 ** 20:8.1f} {r['kept_for_backward_bytes'] / gib:9.3f} "
-          f"{r['peak_rss_bytes'] / gib:12.2f}", flush=True)
+          f"{_fmt(r['compiled_flops'] and r['compiled_flops'] / 1e12, '7.2f')} {r['peak_rss_bytes'] / gib:12.2f}",
+          flush=True)
 
 
 def write_json(path: Path | None, results: dict[str, Any]) -> dict[str, Any]:
@@ -947,7 +967,7 @@ def run(preset: dict[str, Any], runs: int, warmup: int, peak: float | None) -> d
     s = setup(preset)
     compile_s = step0(s)
     times = time_round_robin_all({"jax": lambda: run_jax(s), "torch": s.torch_step}, runs, warmup)
-    return {"dtype": preset["dtype"], "batch": preset["batch"], "runs": runs,
+    return {"dtype": preset["dtype"], "batch": preset["batch"], "runs": runs, "remat": preset.get("remat", "none"),
             **summarise(s, preset, times, peak), "jax_first_step_s": compile_s}
 
 
