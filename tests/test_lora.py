@@ -165,9 +165,13 @@ def test_unmerged_equals_merged(kind):
     unmerged = jax.jit(forward)({"params": params, "lora": lp})
     merged = jax.jit(forward)({"params": lora.merge(params, lp)})
     plain = jax.jit(forward)({"params": params})
+    # T5 (no attention-logit scaling, un-normalised residual stream) carries the rounding difference
+    # of x(W + δ) against xW + (xA)B furthest: 0.6e-5 with the locked jax, 1.3e-5 with jax 0.8.1
+    # (`make test-lowest`). The denoisers and CLIP, the models API.md names, hold 1e-5.
+    tol = 2e-5 if kind == "t5" else 1e-5
     for key in merged:
         if isinstance(merged[key], jax.Array):
-            assert rel_err(unmerged[key], merged[key]) < 1e-5, key
+            assert rel_err(unmerged[key], merged[key]) < tol, key
     out_key = "pred" if "pred" in merged else "last_hidden_state"
     assert rel_err(plain[out_key], merged[out_key]) > 1e-2  # the LoRA matters
 
