@@ -120,6 +120,18 @@ def sample_flow_timesteps(
     return schedule["timesteps"][idx], schedule["sigmas"][idx]
 
 
+def sample_flow_timesteps_above(
+    rng: jax.Array, schedule: Schedule, batch: int, t_min: float
+) -> tuple[jax.Array, jax.Array]:
+    """Timesteps drawn uniformly from the schedule's points with t ≥ `t_min`, and their sigmas,
+    `([B], [B])` float32 (TACA's LoRA, SPEC §4). Raises ValueError when no point reaches `t_min`."""
+    allowed = np.flatnonzero(np.asarray(schedule["timesteps"]) >= t_min)
+    if allowed.size == 0:
+        raise ValueError(f"no schedule timestep is >= {t_min} (max {float(schedule['timesteps'].max()):.1f})")
+    idx = jnp.asarray(allowed)[jax.random.randint(rng, (batch,), 0, allowed.size)]
+    return schedule["timesteps"][idx], schedule["sigmas"][idx]
+
+
 def logit_normal_probs(num_train_timesteps: int = 1000, mean: float = 0.0, std: float = 1.0) -> np.ndarray:
     """`p_k = P(floor(u·T) = k)`, `u = sigmoid(mean + std·n)`, n ~ N(0, 1): `[T]` float64, host-side.
 

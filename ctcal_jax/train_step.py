@@ -10,10 +10,12 @@ Pytrees (all plain dicts):
   `noun_weights` `[B, N, T]` and `token_mask` `[B, T]` per text stream, and an optional `reward`
   `[B]` (GORS weighting).
 
-A family supplies `forward(frozen, trainable, batch, rng) -> dict` with the student prediction and
-target, the student and teacher maps and `t_stu`; it runs the teacher under `stop_gradient`, so the
-teacher costs a forward pass and keeps no activations for the backward pass. This file adds what is
-common: the losses (SPEC §3), gradient accumulation, the optimizer update and the jit with shardings.
+A family supplies `forward(frozen, trainable, batch, rng) -> dict` with the prediction and target
+and, for the CTCAL objective, the student and teacher maps and the timesteps; it runs the teacher
+under `stop_gradient`, so the teacher costs a forward pass and keeps no activations for the backward
+pass. The objective is the family's (`families/`): CTCAL, diffusion-only (GORS when the data carries
+rewards) or TACA's LoRA loss are configurations of this one step. This file adds what is common: the
+losses (SPEC §3), gradient accumulation, the optimizer update and the jit with shardings.
 """
 
 from __future__ import annotations
@@ -39,17 +41,19 @@ class Family:
     """What a model family contributes to the step.
 
     Attributes:
-      forward: `(frozen, trainable, batch, rng) -> {"pred", "target", "student_maps",
-        "teacher_maps", "t_stu", "t_tea"}`; maps `[B, h, w, T_total]` as the denoiser's `aux["attn"]`.
+      forward: `(frozen, trainable, batch, rng) -> {"pred", "target"}`, plus `"student_maps",
+        "teacher_maps", "t_stu", "t_tea"` with CTCAL; maps `[B, h, w, T_total]` as the denoiser's
+        `aux["attn"]`.
       streams: text streams of the maps: name -> (token slice on the last map axis, batch key of
         its noun weights, batch key of its token mask). SD 1.x/2.x has one, SD3 two (CLIP, T5);
-        the CTCAL loss is averaged over streams.
-      ctcal: the loss configuration (weights, smoothing, ablations).
+        the CTCAL loss is averaged over streams. Empty without CTCAL.
+      ctcal: the CTCAL loss configuration (weights, smoothing, ablations); None for an objective
+        without it (the diffusion loss alone).
     """
 
     forward: Callable[..., dict[str, jax.Array]]
     streams: Mapping[str, tuple[slice, str, str]]
-    ctcal: ctcal.CTCALConfig
+    ctcal: ctcal.CTCALConfig | None
 
 
 def loss_fn(family: Family, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
