@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from conversion import files
 from conversion.load import load_component
+from ctcal_jax.sharding import Rules
 from ctcal_jax.text import TOKENIZERS, Family, PromptEncoders
 
 _TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
@@ -20,12 +22,17 @@ def load_encoders(
     *,
     compute_dtype: Any = None,
     max_sequence_length: int = 256,
+    with_t5: bool = True,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
 ) -> tuple[PromptEncoders, dict[str, Any]]:
     """Tokenizers and text encoders of a diffusers pipeline folder, offline: `(encoders, params)`.
 
     SD 1.x/2.x folders hold `text_encoder` (+ `tokenizer`); SD3 folders add `text_encoder_2` and,
-    unless saved without it, `text_encoder_3` (T5). `dtype`/`compute_dtype` as in `load_component`;
-    `max_sequence_length` is SD3's T5 token count.
+    unless saved without it, `text_encoder_3` (T5). `dtype`/`compute_dtype`/`mesh`/`rules` as in
+    `load_component`; `max_sequence_length` is SD3's T5 token count. `with_t5=False` loads T5's
+    tokenizer but not its weights (data that brings precomputed T5 embeddings: a T5-XXL is 4.7 B
+    parameters the step would only hold).
     """
     path = Path(path)
     index = files.read_json(path / "model_index.json")
@@ -42,14 +49,16 @@ def load_encoders(
             if c != "text_encoder_3":
                 raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {c}")
             continue
-        models[c], params[c] = load_component(path, c, dtype, compute_dtype=compute_dtype)
         tokenizers[c] = _load_tokenizer(path, TOKENIZERS[c], index)
+        if c == "text_encoder_3" and not with_t5:
+            continue
+        models[c], params[c] = load_component(path, c, dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules)
     clip_length = tokenizers["text_encoder"].model_max_length
     max_lengths = {"text_encoder": clip_length}
     joint_dim = None
     if family == "sd3":
         max_lengths.update(text_encoder_2=clip_length, text_encoder_3=max_sequence_length)
-        if "text_encoder_3" not in models:
+        if "text_encoder_3" not in tokenizers:
             joint_dim = files.read_json(files.component_dir(path, "transformer") / "config.json")["joint_attention_dim"]
     return PromptEncoders(family, tokenizers, models, max_lengths, joint_dim), params
 

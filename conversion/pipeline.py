@@ -1,0 +1,134 @@
+"""A training config's pretrained pipeline -> `ctcal_jax.builder.Pipeline` (loaded or abstract).
+
+`model.pretrained` is a diffusers folder, a hub id (a snapshot already in the Hugging Face cache, or
+downloaded when the hub is reachable), or `builtin:<name>` (`conversion.tiny`). `load` reads the
+weights, straight into their shardings when given a mesh; `abstract` reads configs only (a local
+folder's, else `conversion.known`'s for the public pipelines) and gives `jax.ShapeDtypeStruct`
+params, so a config's step can be lowered and compiled on a host without the weights.
+
+What is loaded follows the data: the VAE only when batches carry images (`data.kind ==
+"imagefolder"`), SD3's T5 only when the batches do not bring its embeddings (`data.kind !=
+"records"`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from conversion import files, known, tiny
+from conversion.encoders import load_encoders
+from conversion.load import COMPONENT_CLASSES, family, load_component
+from ctcal_jax import text
+from ctcal_jax.builder import DENOISER, Pipeline
+
+FAMILIES = {"StableDiffusionPipeline": "sd2", "StableDiffusion3Pipeline": "sd3"}
+BUILTIN = "builtin:"
+
+
+def resolve(pretrained: str) -> Path:
+    """The local folder of `model.pretrained` (module docstring). Raises ValueError naming the value."""
+    if not pretrained:
+        raise ValueError("config.model.pretrained is empty: set a diffusers folder, a hub id or builtin:tiny-sd2")
+    if pretrained.startswith(BUILTIN):
+        return tiny.materialize(pretrained[len(BUILTIN):])
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or pretrained.count("/") != 1 or pretrained.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.pretrained={pretrained!r}: no such diffusers folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(pretrained, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model",
+                                                                  "tokenizer*/*", "spiece.model"]))
+    except Exception as e:  # noqa: BLE001 — any hub failure becomes one clear message
+        raise ValueError(f"model.pretrained={pretrained!r} is neither a folder nor a hub id that can be fetched "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); download it with "
+                         f"`huggingface-cli download {pretrained}` where the hub is reachable and pass the folder") from None
+
+
+def pipeline_family(folder: Path) -> str:
+    """"sd2" or "sd3" from `model_index.json`'s `_class_name`."""
+    index_file = folder / "model_index.json"
+    cls = files.read_json(index_file).get("_class_name")
+    if cls not in FAMILIES:
+        raise ValueError(f"{index_file}: pipeline class {cls!r} is not supported for training "
+                         f"(supported: {sorted(FAMILIES)})")
+    return FAMILIES[cls]
+
+
+def _dtypes(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+    dtype = jnp.dtype(config.model.dtype)
+    return dtype, jnp.dtype(config.model.compute_dtype) if config.model.compute_dtype else None
+
+
+def load(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Pipeline:
+    """The pipeline of `config.model.pretrained` with its weights; with `mesh`, every parameter is
+    read straight into its sharding by `config.sharding.frozen` (`load_component(mesh=, rules=)`)."""
+    folder = resolve(config.model.pretrained)
+    fam = pipeline_family(folder)
+    dtype, compute = _dtypes(config)
+    rules = [(str(p), tuple(a)) for p, a in config.sharding.frozen] if mesh is not None else None
+    where = {"mesh": mesh, "rules": rules}
+    name = DENOISER[fam]
+    denoiser, params = load_component(folder, name, dtype, compute_dtype=compute, **where)
+    encoders, text_params = load_encoders(folder, dtype, compute_dtype=compute, with_t5=config.data.kind != "records",
+                                          **where)
+    frozen = {name: params, **text_params}
+    vae = None
+    if config.data.kind == "imagefolder":
+        vae, frozen["vae"] = load_component(folder, "vae", dtype, compute_dtype=compute, **where)
+    return Pipeline(fam, denoiser, encoders, frozen, _scheduler(folder), vae, source=str(folder))
+
+
+def _scheduler(folder: Path) -> dict[str, Any]:
+    return files.read_json(folder / "scheduler" / "scheduler_config.json")
+
+
+def abstract(config: ml_collections.ConfigDict) -> Pipeline:
+    """The pipeline of `config.model.pretrained` with `jax.ShapeDtypeStruct` params: from the local
+    folder's configs when there is one (no weights read), else from `conversion.known`."""
+    pretrained = config.model.pretrained
+    local = None
+    if pretrained.startswith(BUILTIN):
+        local = resolve(pretrained)
+    elif Path(pretrained).expanduser().is_dir():
+        local = Path(pretrained).expanduser()
+    if local is not None:
+        fam = pipeline_family(local)
+        configs = {c: files.read_json(files.component_dir(local, c) / "config.json")
+                   for c in _components(fam, files.read_json(local / "model_index.json"))}
+        scheduler = _scheduler(local)
+    elif pretrained in known.PIPELINES:
+        entry = known.PIPELINES[pretrained]
+        fam, scheduler = entry["family"], entry["scheduler"]
+        configs = {c: entry[c] for c in _components(fam, entry)}
+    else:
+        raise ValueError(f"model.pretrained={pretrained!r}: no local folder, and not one of the pipelines known "
+                         f"without weights ({sorted(known.PIPELINES)})")
+    dtype, compute = _dtypes(config)
+    modules, params = {}, {}
+    for c, cfg in configs.items():
+        cls = files.class_name(cfg, f"{pretrained}/{c}/config.json")
+        conv = family(cls, f"{pretrained}/{c}/config.json")
+        modules[c] = conv.build(cfg, dtype=compute or dtype)
+        params[c] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), conv.abstract_params(modules[c], cfg))
+    name = DENOISER[fam]
+    texts = {c: m for c, m in modules.items() if c.startswith("text_encoder")}
+    lengths = {c: 77 for c in texts} | ({"text_encoder_3": 256} if fam == "sd3" else {})
+    joint = configs[name].get("joint_attention_dim") if fam == "sd3" else None
+    encoders = text.PromptEncoders("sd" if fam == "sd2" else "sd3", {}, texts, lengths, joint)
+    return Pipeline(fam, modules[name], encoders, {c: params[c] for c in (name, *texts)}, scheduler,
+                    source=pretrained)
+
+
+def _components(fam: str, index: dict[str, Any]) -> tuple[str, ...]:
+    """The denoiser and the CLIP encoders the step runs (T5's stream is precomputed for abstract builds)."""
+    names = (DENOISER[fam], "text_encoder") + (("text_encoder_2",) if fam == "sd3" else ())
+    return tuple(c for c in names if c in COMPONENT_CLASSES and index.get(c) not in (None, [None, None]))

@@ -1,0 +1,88 @@
+"""The training config: every key a run reads, with SPEC defaults. `configs/*.py` start from here.
+
+`base_config()` returns a locked `ml_collections.ConfigDict`: an experiment sets values, and a key
+that is not below (a typo, `--config.no_such_key=1`) is an error instead of a silently ignored
+setting. Keys (API.md's "every training config has" marked *):
+
+- `model.pretrained`* — a diffusers folder, a hub id, or `builtin:tiny-sd2` / `builtin:tiny-sd3`
+  (tiny random pipelines written by the project, for CPU runs); `model.dtype` (weights),
+  `model.compute_dtype` ("" = `model.dtype`), `model.remat` (none | dots | full).
+- `objective`: ctcal | diffusion (GORS when the data carries rewards) | taca (SD3: SPEC §4).
+- `ctcal.*`: SPEC §3 (`teacher_t` -1 = the sampler's priority timestep), `map_resolution` (r of the
+  captured r×r maps), `capture_blocks` (SD3; None = all).
+- `taca.gamma`, `taca.t_threshold`; `flow.logit_mean`, `flow.logit_std` (SD3's training sampler; the
+  shift is the pipeline scheduler's).
+- `lora.rank`, `lora.alpha`, `lora.targets` (denoiser modules, regex over diffusers module paths),
+  `lora.text_targets` (CLIP encoders; "" trains none).
+- `optim.groups`: `((regex over trainable paths, lr, weight decay), ...)`, first match wins, an
+  unmatched trainable leaf is an error; `b1`, `b2`, `eps`, `warmup_steps`, `accum_steps`,
+  `max_grad_norm` (0 = none).
+- `mesh.data`*, `mesh.fsdp`* (-1 = all remaining devices); `sharding.frozen` / `sharding.state`:
+  `((regex, axes), ...)` rules (`ctcal_jax.sharding`).
+- `data.*`: `ctcal_jax.data.default_config()`.
+- `total_steps`*, `batch_size`* (global), `seed`*, `log_every`*, `checkpoint_every`*,
+  `keep_checkpoints`, `sample_every` (attention figures; 0 = never), `sample_prompts`,
+  `num_train_timesteps`, `compilation_cache_dir` ("" = none), `halt_on_nonfinite`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ctcal_jax import lora
+from ctcal_jax.data import default_config as data_config
+
+TEXT_TARGETS = r"self_attn\.(q|k|v|out)_proj$"
+# Learning-rate groups (SPEC §3, SD 2.1): denoiser LoRA and autoencoder 5e-5, text LoRA 5e-6, wd 0.01.
+SD2_GROUPS = ((r"^(unet|ae)/", 5e-5, 0.01), (r"^text_encoder", 5e-6, 0.01))
+# SD3: 5e-5 / 1e-5, weight decay 1e-4 (denoiser, autoencoder) / 1e-3 (text).
+SD3_GROUPS = ((r"^(transformer|ae)/", 5e-5, 1e-4), (r"^text_encoder", 1e-5, 1e-3))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key, SD 2.1 CTCAL defaults (SPEC §3); locked (module docstring)."""
+    c = ml_collections.ConfigDict()
+    c.model = dict(pretrained="", dtype="float32", compute_dtype="", remat="none")
+    c.objective = "ctcal"
+    c.ctcal = dict(
+        lambdas=(0.01, 1.0, 0.01, 0.1), tau=0.2, kernel_size=3, sigma=0.5, reweight_scale=100.0,
+        tokens="nouns", semantic=True, regularizer=True, adaptive_weight=True, adjectives=False,
+        teacher="priority", teacher_t=-1.0, map_resolution=16, capture_blocks=None,
+    )
+    c.taca = dict(gamma=1.2, t_threshold=970.0)
+    c.flow = dict(logit_mean=0.0, logit_std=1.0)
+    c.lora = dict(rank=4, alpha=4.0, targets=lora.DEFAULT_TARGETS, text_targets=TEXT_TARGETS)
+    c.optim = dict(groups=SD2_GROUPS, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, accum_steps=1,
+                   max_grad_norm=0.0)
+    c.mesh = dict(data=-1, fsdp=1)
+    c.sharding = dict(frozen=((r".*/kernel$", ("fsdp_largest",)), (r".*", ())), state=((r".*", ()),))
+    c.data = data_config()
+    c.total_steps = 50_000
+    c.batch_size = 64
+    c.seed = 0
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.sample_every = 1000
+    c.sample_prompts = ()
+    c.num_train_timesteps = 1000
+    c.compilation_cache_dir = ""
+    c.halt_on_nonfinite = True
+    # `capture_blocks` may be None or a tuple: a placeholder would fix one type.
+    c.ctcal.capture_blocks = ml_collections.config_dict.placeholder(tuple)
+    c.lock()
+    return c
+
+
+def sd3_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """SPEC §3's SD3 settings on top of `base_config()`: λ4 = 0, 5×5 smoothing of 64×64 maps (1024 px),
+    SD3 learning rates, 20 000 steps, batch 64 (4 per device × 4 devices × 4 accumulation)."""
+    c.ctcal.lambdas = (0.01, 1.0, 0.01, 0.0)
+    c.ctcal.kernel_size = 5
+    c.ctcal.map_resolution = 64
+    c.optim.groups = SD3_GROUPS
+    c.optim.accum_steps = 4
+    c.total_steps = 20_000
+    c.data.resolution = 1024
+    c.data.latent_channels = 16
+    return c

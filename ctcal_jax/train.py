@@ -1,0 +1,231 @@
+r"""The trainer: `python -m ctcal_jax.train --config configs/NAME.py --workdir DIR [--config.key=value ...]`.
+
+One run = one work directory. The first call starts the run; the same command again resumes it from
+the last checkpoint (params, optimizer, step, data iterator; the step's randomness is derived from
+the seed and the step number), so a run killed at any moment and restarted reproduces the losses of
+an uninterrupted one. DIR holds:
+
+    config.json                     the resolved config (a resumed run must match it)
+    metrics.jsonl, tensorboard/     one row per logged step (`step`, `loss`, the loss terms, ...)
+    checkpoints/<step>/             orbax checkpoints (async, the newest `keep_checkpoints` kept)
+    lora/pytorch_lora_weights.safetensors   the adapters in diffusers format, at every checkpoint
+    figures/attention_<step>.png    per-noun maps, student beside teacher (`sample_every`)
+
+SIGTERM (preemption) saves a checkpoint at the current step and exits with status 143. A NaN or Inf
+metric stops the run naming the step and the metric; no checkpoint is written after it, so the last
+good one stays the newest. Multi-host: `--multihost` calls `jax.distributed.initialize()` (TPU pods,
+SLURM); every host runs the same command and reads its own share of the data (`launch/`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging as pylogging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from conversion import export_lora
+from conversion import pipeline as pipeline_io
+from ctcal_jax import builder, data
+from ctcal_jax.checkpoints import Checkpoints
+from ctcal_jax.metrics import MetricsWriter, Progress
+from ctcal_jax.probe import attention_figure, first_examples
+from ctcal_jax.viz import save_png
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A configs/NAME.py file (its get_config()).", lock_config=True)
+flags.DEFINE_string("workdir", None, "The run's directory: created, or resumed when it holds a run.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (every host runs this command).")
+
+# Keys a resumed run may change: when and how much it logs, saves and trains, not what it computes.
+RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                     "compilation_cache_dir", "data.workers")
+
+
+class NonFinite(RuntimeError):
+    """A NaN or Inf metric (the run stops; the last good checkpoint stays)."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def check_config_json(workdir: Path, config_json: dict[str, Any], resuming: bool) -> None:
+    """Write `config.json`, or on resume check it against the saved one (`RESUMABLE_CHANGES` aside)."""
+    file = workdir / "config.json"
+    if resuming and file.exists():
+        saved, now = _flat(json.loads(file.read_text())), _flat(config_json)
+        changed = sorted(k for k in saved.keys() | now.keys()
+                         if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(f"{file}: this run was started with a different config ({', '.join(changed)}); "
+                             f"resume with the same settings or use a new --workdir")
+    if jax.process_index() == 0:
+        tmp = file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config_json, indent=2, sort_keys=True))
+        os.replace(tmp, file)
+
+
+def to_device(batch: dict[str, Any], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This host's numpy batch -> global arrays split over the mesh's batch axes."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+@jax.jit
+def _watch(bad: dict[str, Any], step: jax.Array, metrics: dict[str, jax.Array]) -> dict[str, Any]:
+    """Remember the first step whose metrics are not all finite (and those metrics), on the device:
+    NaN is caught at every step without a host read per step."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+    first = (bad["step"] < 0) & ~finite
+    return {"step": jnp.where(first, step, bad["step"]),
+            "metrics": jax.tree.map(lambda old, new: jnp.where(first, new, old), bad["metrics"], metrics)}
+
+
+def check_finite(bad: dict[str, Any]) -> None:
+    """Raise `NonFinite` naming the first bad step and its non-finite metrics, if there was one."""
+    bad = jax.device_get(bad)
+    if int(bad["step"]) >= 0:
+        names = sorted(k for k, v in bad["metrics"].items() if not np.all(np.isfinite(v)))
+        values = ", ".join(f"{k}={float(bad['metrics'][k])}" for k in names)
+        raise NonFinite(f"non-finite metrics at step {int(bad['step'])}: {values}")
+
+
+def export_adapters(workdir: Path, params: dict[str, Any]) -> None:
+    """The adapters of `params` (the trainable tree; the map autoencoder is not exported) as
+    `workdir/lora/pytorch_lora_weights.safetensors`, replaced atomically."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_get(params)
+    if jax.process_index() == 0:
+        export_lora(workdir / "lora", {c: lp for c, lp in params.items() if c != "ae"})
+
+
+def train(config: Any, workdir: str | Path) -> dict[str, float]:
+    """Run (or resume) `config` in `workdir`; returns the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+    ckpts = Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+    start = ckpts.latest_step() or 0
+    check_config_json(workdir, json.loads(config.to_json_best_effort()), resuming=start > 0)
+
+    mesh = builder.mesh_from_config(config)
+    batch_size = builder.global_batch(config, mesh)
+    pipe = pipeline_io.load(config, mesh)
+    logging.info("loaded %s (%s) onto a %s mesh", pipe.source, pipe.family, dict(mesh.shape))
+    run = builder.build(config, pipe, mesh=mesh)
+    loader = data.make_loader(config.data, pipe.encoders, global_batch_size=batch_size, seed=config.seed)
+    state = run.state
+    if start:
+        state = ckpts.restore(start, state, run.state_shardings, loader)
+        logging.info("resumed %s at step %d", workdir, start)
+    figure_batch = first_examples(config, pipe) if config.sample_every else None
+
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start if start else None)
+    progress = Progress(config.total_steps, initial=start, enabled=jax.process_index() == 0)
+    rng = jax.random.key(config.seed)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    bad = {"step": jnp.int32(-1), "metrics": None}
+    preempted = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    last: dict[str, float] = {}
+    tick, tick_step = time.perf_counter(), start
+    try:
+        for step in range(start, config.total_steps):
+            batch = to_device(next(loader), batch_sharding)
+            state, metrics = run.step(state, batch, rng)
+            if bad["metrics"] is None:
+                bad["metrics"] = jax.tree.map(jnp.zeros_like, metrics)
+            bad = _watch(bad, jnp.int32(step + 1), metrics)
+            done = step + 1
+            final = done == config.total_steps
+            if done % config.log_every == 0 or final or preempted:
+                check_finite(bad)
+                now = time.perf_counter()
+                speed = (done - tick_step) * batch_size / (now - tick)
+                tick, tick_step = now, done
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last.update({"samples_per_s": speed, "data/skipped_rows": loader.skipped_rows})
+                writer.write(done, last)
+                progress.update(done, last["loss"], speed)
+                logging.info("step %d  loss %.5f  %.2f samples/s", done, last["loss"], speed)
+            if config.sample_every and (done % config.sample_every == 0 or final):
+                fig = attention_figure(config, pipe, run, state["params"], figure_batch)
+                if fig is not None and jax.process_index() == 0:
+                    (workdir / "figures").mkdir(exist_ok=True)
+                    save_png(fig, workdir / "figures" / f"attention_{done:07d}.png")
+                    writer.write_image(done, "attention", fig)
+            if done % config.checkpoint_every == 0 or final or preempted:
+                check_finite(bad)
+                ckpts.save(done, state, loader)
+                export_adapters(workdir, state["params"])
+            if preempted:
+                ckpts.wait()
+                logging.warning("SIGTERM: saved step %d in %s; the same command resumes", done, workdir)
+                sys.exit(143)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpts.wait()
+        progress.close()
+        writer.close()
+    return last
+
+
+class _QuietOrbax(pylogging.Filter):
+    """Orbax logs every save in a dozen INFO lines; keep its warnings and errors only."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.multihost:
+        jax.distributed.initialize()
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except (NonFinite, ValueError, FileNotFoundError) as e:
+        logging.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+def run() -> None:
+    """Entry point: parse flags, with an unknown or mistyped config key a one-line error (no traceback)."""
+    flags.mark_flags_as_required(["config", "workdir"])
+    try:
+        argv = FLAGS(sys.argv)
+    except flags.Error as e:
+        sys.exit(f"error: {_one_line(e)}")
+    app.run(main, argv=argv, flags_parser=lambda a: a)
+
+
+def _one_line(e: Exception) -> str:
+    """The first meaningful line of a flags error (ml_collections puts the key in the cause)."""
+    cause = e.__cause__ or e.__context__
+    text = str(cause) if cause is not None and str(cause) else str(e)
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    run()
