@@ -14,23 +14,8 @@ from PIL import Image
 from ctcal_jax import data, nouns, text
 from ctcal_jax.data import records
 from ctcal_jax.data.images import load_image
+from tests.data_setup import GOOD, LINES, RES, ROWS, image, tagger, write_folder
 from tests.tiny import real_clip_tokenizer, tiny_t5_tokenizer
-
-LEXICON = {"cat": "NOUN", "dog": "NOUN", "sofa": "NOUN", "car": "NOUN", "red": "ADJ", "boat": "NOUN",
-           "lake": "NOUN", "bird": "NOUN", "tree": "NOUN", "left": "NOUN"}
-RES = 16
-
-
-def tagger(prompt: str):
-    """A dictionary tagger (Stanza's models cannot be downloaded here); module-level, so grain's
-    worker processes unpickle it by name."""
-    out, pos = [], 0
-    for word in prompt.split():
-        start = prompt.index(word, pos)
-        pos = start + len(word)
-        out.append((word, LEXICON.get(word, "X"), start, pos))
-    return out
-
 
 @pytest.fixture(scope="module")
 def clip():
@@ -40,49 +25,6 @@ def clip():
 @pytest.fixture(scope="module")
 def sd(clip):
     return text.PromptEncoders("sd", {"text_encoder": clip}, {}, {"text_encoder": 77})
-
-
-def _image(width: int, height: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), np.uint8))
-
-
-# (metadata line, image written under file_name: (width, height, format) or None); "good" rows first
-# in the comments: lines 1, 2, 8, 9 are good.
-ROWS = [
-    ({"file_name": "0.png", "text": "a cat and a dog"}, (24, 16, "PNG")),
-    ({"file_name": "1.png", "text": "a red car", "nouns": ["car"], "reward": 0.25}, (40, 20, "PNG")),
-    ({"file_name": "missing.png", "text": "a boat"}, None),
-    ({"file_name": "3.jpg", "text": "a bird in a tree"}, (32, 32, "TRUNCATED")),
-    ({"file_name": "4.png", "text": "  "}, (16, 16, "PNG")),
-    ({"file_name": "5.png", "text": "a boat on a lake"}, (12, 30, "PNG")),
-    ('{"file_name": "6.png", "text": "a cat"', (16, 16, "PNG")),  # malformed JSON
-    ({"file_name": "7.png", "text": "a dog on the left"}, (16, 50, "PNG")),
-    ({"file_name": "8.png", "text": "a boat on a lake"}, (33, 17, "PNG")),
-]
-GOOD = [0, 1, 7, 8]
-
-
-def write_folder(folder, rows=ROWS):
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, (meta, image) in enumerate(rows):
-        lines.append(meta if isinstance(meta, str) else json.dumps(meta))
-        if image is None:
-            continue
-        name = meta["file_name"] if isinstance(meta, dict) else f"{i}.png"
-        width, height, kind = image
-        if kind == "TRUNCATED":
-            _image(width, height, i).save(folder / name, "JPEG")
-            raw = (folder / name).read_bytes()
-            (folder / name).write_bytes(raw[: len(raw) // 2])
-        else:
-            _image(width, height, i).save(folder / name, kind)
-    # A blank line is not a row.
-    (folder / "metadata.jsonl").write_text("\n".join(lines[:4]) + "\n\n" + "\n".join(lines[4:]) + "\n")
-    return folder
-
-
-LINES = [1, 2, 3, 4, 6, 7, 8, 9, 10]  # file line of each row (the blank line is line 5)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +97,7 @@ def test_text_example_sd3_streams(clip, tmp_path):
     ((32, 32), (32, 32), (0, 0, 32, 32)),  # already the size: no resampling
 ])
 def test_load_image_resizes_shorter_side_and_center_crops(tmp_path, size, resized, box):
-    img = _image(*size, seed=3)
+    img = image(*size, seed=3)
     img.save(tmp_path / "x.png")
     if resized is None:
         with pytest.raises(ValueError, match="smaller than resolution 32"):

@@ -77,15 +77,14 @@ class RecordsSource:
             if want is not None and self.manifest[key] != want:
                 raise ValueError(f"{self.folder / MANIFEST}: prepared with {key}={self.manifest[key]!r}, "
                                  f"but the run has {key}={want!r}")
-        # ArrayRecord cannot open an empty shard (every row of it was bad); it holds nothing anyway.
-        paths = [str(self.folder / s["file"]) for s in self.manifest["shards"] if s["records"] > 0]
-        if not paths:
-            raise ValueError(f"{self.folder / MANIFEST}: no records")
+        paths = [str(self.folder / s["file"]) for s in self.manifest["shards"]]
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"{self.folder}: shards listed in {MANIFEST} are missing: {missing}")
         self.paths = paths
         self._records = grain.sources.ArrayRecordDataSource(paths)
+        if len(self._records) == 0:
+            raise ValueError(f"{self.folder / MANIFEST}: no records")
 
     def __len__(self) -> int:
         return len(self._records)
