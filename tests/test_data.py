@@ -51,7 +51,8 @@ def test_text_example_sd_equals_prepare_batch(sd, clip):
                                   text.tokenize(clip, ["a cat and a dog on the left"], 77)["input_ids"][0])
     # By hand: SOT a cat and a dog ...: "cat" is token 2, "dog" token 5; "left" is blacklisted.
     assert ex["noun_weights"].shape == (4, 77) and ex["noun_weights"].dtype == np.float32
-    assert np.flatnonzero(ex["noun_weights"][0]).tolist() == [2] and np.flatnonzero(ex["noun_weights"][1]).tolist() == [5]
+    assert np.flatnonzero(ex["noun_weights"][0]).tolist() == [2]
+    assert np.flatnonzero(ex["noun_weights"][1]).tolist() == [5]
     assert not ex["noun_weights"][2:].any()
     assert np.flatnonzero(ex["token_mask"]).tolist() == list(range(1, 9))
     assert set(ex) == {"input_ids", "noun_weights", "token_mask"}  # no reward
@@ -67,8 +68,8 @@ def test_text_example_given_nouns_and_reward(sd, clip):
 
 def test_text_example_sd3_streams(clip, tmp_path):
     t5 = tiny_t5_tokenizer(tmp_path / "t5")
-    enc = text.PromptEncoders("sd3", {"text_encoder": real_clip_tokenizer(), "text_encoder_2": clip, "text_encoder_3": t5},
-                              {}, {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256})
+    tokenizers = {"text_encoder": real_clip_tokenizer(), "text_encoder_2": clip, "text_encoder_3": t5}
+    enc = text.PromptEncoders("sd3", tokenizers, {}, {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256})
     prompt = "a cat and a dog on a red sofa"
     ex = data.text_example(enc, prompt, max_nouns=4, tagger=tagger)
     for suffix, tok, length in (("clip", real_clip_tokenizer(), 77), ("t5", t5, 256)):
@@ -314,8 +315,10 @@ def test_orbax_checkpoint_manager_round_trips_the_iterator(folder, sd, tmp_path)
     saved_skipped = it.skipped_rows
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         manager.save(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        # grain's handler is synchronous: the state is taken before save() returns, so the trainer
+        # may go on drawing batches while orbax finishes an async save.
+        want = [next(it) for _ in range(2)]
         manager.wait_until_finished()
-    want = [next(it) for _ in range(2)]
     fresh = data.make_loader(c, sd, global_batch_size=2, seed=5)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
         restored = manager.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))

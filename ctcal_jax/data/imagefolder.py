@@ -119,7 +119,8 @@ class ImageFolderSource:
         if first_bad is not None and self.on_bad_row == "fail":
             raise self._error(first_bad, first_bad.bad)
         if all(r.bad for r in self.rows):
-            raise ValueError(f"{self.folder / METADATA}: every row is bad (first: {self._error(first_bad, first_bad.bad)})")
+            first = self._error(first_bad, first_bad.bad)
+            raise ValueError(f"{self.folder / METADATA}: every row is bad (first: {first})")
 
     def __len__(self) -> int:
         return len(self.rows)
