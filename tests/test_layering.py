@@ -9,8 +9,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Entry points: `python -m ctcal_jax.demo` (the embedded default job).
-PROGRAMS = {"ctcal_jax/demo.py"}
+# Entry points: `python -m ctcal_jax.demo` (the embedded default job), `python -m ctcal_jax.prepare`.
+PROGRAMS = {"ctcal_jax/demo.py", "ctcal_jax/prepare.py"}
 
 
 def imported_packages(file: Path) -> set[str]:
