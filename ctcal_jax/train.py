@@ -211,20 +211,29 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Entry point: parse flags, with an unknown or mistyped config key a one-line error (no traceback)."""
+    """Entry point: parse flags; a bad `--config` file or override is a one-line error, no traceback."""
     flags.mark_flags_as_required(["config", "workdir"])
     try:
         argv = FLAGS(sys.argv)
-    except flags.Error as e:
-        sys.exit(f"error: {_one_line(e)}")
+        FLAGS.config.keys()  # the config file is loaded lazily: fail here, not inside the run
+    except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
+        # What flags and ml_collections raise for a missing file, an unknown key or a bad value; an
+        # error inside a config's own code keeps its traceback.
+        sys.exit(f"error: {config_error(e, sys.argv)}")
     app.run(main, argv=argv, flags_parser=lambda a: a)
 
 
-def _one_line(e: Exception) -> str:
-    """The first meaningful line of a flags error (ml_collections puts the key in the cause)."""
-    cause = e.__cause__ or e.__context__
-    text = str(cause) if cause is not None and str(cause) else str(e)
-    return " ".join(text.split())
+def config_error(e: Exception, argv: list[str]) -> str:
+    """One line for a flag-parsing failure; an unknown config key is named as the user typed it."""
+    text = " ".join(str(e.__cause__ or e).split())
+    if isinstance(e, OSError):  # the config file itself: name it, with the reason's last line
+        return f"--config {FLAGS['config'].config_filename}: {str(e).strip().splitlines()[-1].strip()}"
+    if isinstance(e.__cause__ or e, (AttributeError, KeyError)):
+        key = text.strip("\"'")
+        typed = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)]
+        where = typed[0] if typed else key
+        return f"{where}: no such config key (every key is listed in ctcal_jax/config.py)"
+    return text
 
 
 if __name__ == "__main__":

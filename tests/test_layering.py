@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Entry points: `python -m ctcal_jax.demo` (the embedded default job), `python -m ctcal_jax.prepare`.
-PROGRAMS = {"ctcal_jax/demo.py", "ctcal_jax/prepare.py"}
+PROGRAMS = {"ctcal_jax/demo.py", "ctcal_jax/prepare.py", "ctcal_jax/train.py"}
 
 
 def imported_packages(file: Path) -> set[str]:
