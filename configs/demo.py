@@ -13,17 +13,7 @@ trained model's layout; the shapes world of the roadmap replaces them.
 """
 
 from ctcal_jax.config import base_config
-
-PROMPTS = (
-    ("a cat and a dog on a sofa", ("cat", "dog", "sofa")),
-    ("a red car next to a traffic light", ("car", "traffic light")),
-    ("a giraffe and a zebra in a field", ("giraffe", "zebra", "field")),
-    ("a teddy bear on a bed", ("teddy bear", "bed")),
-    ("a bowl of apples beside a vase", ("bowl", "apples", "vase")),
-    ("a horse in front of a barn", ("horse", "barn")),
-    ("a laptop and a cup on a desk", ("laptop", "cup", "desk")),
-    ("a boat under a bridge", ("boat", "bridge")),
-)
+from ctcal_jax.data.synthetic import DEMO_PROMPTS
 
 
 def get_config(runlocal: str = ""):
@@ -31,7 +21,7 @@ def get_config(runlocal: str = ""):
     c = base_config()
     c.model.pretrained = "builtin:tiny-sd2"
     c.data.kind = "synthetic"
-    c.data.prompts = PROMPTS
+    c.data.prompts = DEMO_PROMPTS
     c.data.resolution = 256  # 32×32 latents: 16×16 maps at the UNet's second level
     c.data.max_nouns = 4
     # SPEC §3's learning rates ×20: a 60-step demo, not a 50 000-step run.

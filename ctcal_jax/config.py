@@ -21,7 +21,7 @@ setting. Keys (API.md's "every training config has" marked *):
   `((regex, axes), ...)` rules (`ctcal_jax.sharding`).
 - `data.*`: `ctcal_jax.data.default_config()`.
 - `total_steps`*, `batch_size`* (global), `seed`*, `log_every`*, `checkpoint_every`*,
-  `keep_checkpoints`, `sample_every` (attention figures; 0 = never), `sample_prompts`,
+  `keep_checkpoints`, `sample_every` (attention figures of the data's first examples; 0 = never),
   `num_train_timesteps`, `compilation_cache_dir` ("" = none), `halt_on_nonfinite`.
 """
 
@@ -31,6 +31,7 @@ import ml_collections
 
 from ctcal_jax import lora
 from ctcal_jax.data import default_config as data_config
+from ctcal_jax.data.synthetic import DEMO_PROMPTS
 
 TEXT_TARGETS = r"self_attn\.(q|k|v|out)_proj$"
 # Learning-rate groups (SPEC §3, SD 2.1): denoiser LoRA and autoencoder 5e-5, text LoRA 5e-6, wd 0.01.
@@ -64,7 +65,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3
     c.sample_every = 1000
-    c.sample_prompts = ()
     c.num_train_timesteps = 1000
     c.compilation_cache_dir = ""
     c.halt_on_nonfinite = True
@@ -85,4 +85,50 @@ def sd3_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.total_steps = 20_000
     c.data.resolution = 1024
     c.data.latent_channels = 16
+    return c
+
+
+# The paper's ablations (Table 4; Table 6 for adjectives), as `--config configs/X.py:NAME` variants.
+ABLATIONS = {
+    "all_tokens": ("ctcal.tokens", "all"),  # every real token its own group instead of the nouns
+    "pixel_only": ("ctcal.semantic", False),  # λ2, λ3 and the autoencoder dropped
+    "no_regularizer": ("ctcal.regularizer", False),  # λ4 dropped
+    "no_adaptive": ("ctcal.adaptive_weight", False),  # λ_t = 1
+    "adjectives": ("ctcal.adjectives", True),  # ADJ words join the nouns
+}
+
+
+def variants(arg: str) -> list[str]:
+    """`"runlocal,pixel_only"` -> `["runlocal", "pixel_only"]`; raises ValueError for an unknown name."""
+    names = [a for a in arg.split(",") if a]
+    unknown = [a for a in names if a not in ABLATIONS and a != "runlocal"]
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {unknown}; known: runlocal, {', '.join(ABLATIONS)}")
+    return names
+
+
+def apply_ablations(c: ml_collections.ConfigDict, names: list[str]) -> ml_collections.ConfigDict:
+    """Set the switches of the named ablations (`ABLATIONS`); adjectives also reach data preparation."""
+    for name in names:
+        if name in ABLATIONS:
+            key, value = ABLATIONS[name]
+            group, field = key.split(".")
+            c[group][field] = value
+            if name == "adjectives":
+                c.data.include_adjectives = True
+    return c
+
+
+def runlocal(c: ml_collections.ConfigDict, pipeline: str) -> ml_collections.ConfigDict:
+    """A CPU smoke-test size of any config: a built-in tiny pipeline, synthetic data, a few steps."""
+    c.model.pretrained = f"builtin:{pipeline}"
+    c.model.dtype = "float32"
+    c.data.kind, c.data.path, c.data.prompts = "synthetic", "", DEMO_PROMPTS
+    c.data.resolution, c.data.max_nouns = 256, 4
+    c.data.latent_channels = 4 if pipeline == "tiny-sd2" else 16
+    c.ctcal.map_resolution = 16
+    c.optim.accum_steps = 1
+    c.mesh.data, c.mesh.fsdp = -1, 1
+    c.batch_size, c.total_steps = 8, 4
+    c.log_every, c.checkpoint_every, c.sample_every = 1, 2, 4
     return c

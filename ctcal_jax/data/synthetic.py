@@ -53,3 +53,17 @@ class SyntheticSource:
 
     def __repr__(self) -> str:
         return f"SyntheticSource({len(self.rows)} prompts, latents {self.latent_size}² × {self.latent_channels})"
+
+
+# Eight prompts with the nouns the data names for them (compounds are one subject): the demo's data
+# and every config's `runlocal` variant.
+DEMO_PROMPTS = (
+    ("a cat and a dog on a sofa", ("cat", "dog", "sofa")),
+    ("a red car next to a traffic light", ("car", "traffic light")),
+    ("a giraffe and a zebra in a field", ("giraffe", "zebra", "field")),
+    ("a teddy bear on a bed", ("teddy bear", "bed")),
+    ("a bowl of apples beside a vase", ("bowl", "apples", "vase")),
+    ("a horse in front of a barn", ("horse", "barn")),
+    ("a laptop and a cup on a desk", ("laptop", "cup", "desk")),
+    ("a boat under a bridge", ("boat", "bridge")),
+)
