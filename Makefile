@@ -45,7 +45,7 @@ test-slow: setup
 	$(PY) -m pytest -m slow -q
 
 demo: setup
-	$(PY) -m ctcal_jax.demo --out out/demo
+	$(PY) -m ctcal_jax.train --config configs/demo.py --workdir out/demo
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)

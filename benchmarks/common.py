@@ -18,19 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conversion import known
+
 # The SD 2.1 UNet (diffusers `stabilityai/stable-diffusion-2-1[-base]/unet/config.json`, at 512 px).
-SD21_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, use_linear_projection=True,
-)
+SD21_UNET = {**{k: v for k, v in known.SD21_UNET.items() if k != "_class_name"}, "sample_size": 64}
 # The SD3-medium MM-DiT (`stabilityai/stable-diffusion-3-medium-diffusers/transformer/config.json`).
-SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-)
+SD3_MEDIUM = {k: v for k, v in known.SD3_MEDIUM.items() if k != "_class_name"}
 
 
 # ---------------------------------------------------------------------------------------- PyTorch side

@@ -32,8 +32,7 @@ The SD3 step (`cpu-small-sd3`, `sd3m-1024`; `families.mmdit` on the JAX side), i
   stream (CLIP 77, T5 256 tokens) with its own nouns, averaged over the two, SD3's λ (0.01, 1, 0.01, 0)
   and 5×5 smoothing; a sample with t_tea ≥ t_stu gets no CTCAL term; same optimizer groups.
 
-ctcal_jax: `train_step.make_train_step` with `families.unet.make_family` (SD3:
-`families.mmdit.make_family`) on one device, attention `"auto"`: the fused kernel with maps rebuilt
+ctcal_jax: the step `ctcal_jax.builder.build` makes (the trainer's), here on one device, attention `"auto"`: the fused kernel with maps rebuilt
 from its log-sum-exp on GPU/TPU, the explicit path with its written-out backward on CPU.
 PyTorch: diffusers `UNet2DConditionModel` and transformers `CLIPTextModel` with peft LoRA
 (`add_adapter`), default SDPA attention except the captured 16×16 `attn2` layers, which get an
@@ -113,37 +112,19 @@ from benchmarks.common import (  # noqa: E402
     SD3_MEDIUM, SD21_UNET, UNetMapsProcessor, captured_unet_layers, describe_device, jax_params,
     time_round_robin_all, to_torch_device, torch_device, torch_sync,
 )
-from ctcal_jax import ctcal, lora, schedules, text  # noqa: E402
-from ctcal_jax.families.mmdit import make_family as make_sd3_family  # noqa: E402
-from ctcal_jax.families.unet import make_family  # noqa: E402
+from conversion import known  # noqa: E402
+from ctcal_jax import builder, ctcal, lora, schedules, text  # noqa: E402
+from ctcal_jax import config as config_lib  # noqa: E402
 from ctcal_jax.models import remat as remat_lib  # noqa: E402
-from ctcal_jax.optim import adamw_groups  # noqa: E402
 from ctcal_jax.paths import join_path  # noqa: E402
-from ctcal_jax.sharding import make_mesh, param_shardings  # noqa: E402
-from ctcal_jax.train_step import Family, init_state, loss_fn, make_step_fn, make_train_step, place  # noqa: E402
+from ctcal_jax.sharding import make_mesh  # noqa: E402
+from ctcal_jax.train_step import Family, loss_fn, make_step_fn  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------- presets
 
-# The SD 2.1 text encoder: OpenCLIP ViT-H/14's text tower as transformers `CLIPTextModel`
-# (`stabilityai/stable-diffusion-2-1/text_encoder/config.json`: 23 of its 24 layers).
-OPENCLIP_H = dict(
-    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=512,
-    bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
-
-# SD3-medium's text encoders (`stabilityai/stable-diffusion-3-medium-diffusers`: text_encoder/,
-# text_encoder_2/ config.json); its MM-DiT is `common.SD3_MEDIUM`.
-CLIP_L = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-    bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
-CLIP_G = dict(
-    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-    max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=1280,
-    bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
+# The SD 2.1 and SD3-medium text encoders (`conversion.known`), as transformers config kwargs.
+OPENCLIP_H, CLIP_L, CLIP_G = ({k: v for k, v in c.items() if k != "architectures"}
+                              for c in (known.OPENCLIP_H, known.CLIP_L, known.CLIP_G))
 
 PRESETS: dict[str, dict[str, Any]] = {
     # SD 2.1's layout at 1/10 width, one layer per block: 4 levels, 64×64 latents, so the captured
@@ -263,53 +244,58 @@ def jax_trainable(family: str, frozen: dict[str, Any], resolution: int, seed: in
         for (p, x), k in zip(leaves, draws)])
 
 
-def jax_optimizer(family: str, trainable: dict[str, Any]):
-    groups = [(f"^{name}/", lr, wd) for name, (lr, wd) in optimizer_groups(family).items()]
-    return adamw_groups(trainable, groups, **ADAM)
-
-
 def ctcal_config(family: str) -> ctcal.CTCALConfig:
     """SPEC defaults (SD3's fixed teacher timestep, 570.6 at shift 3, is resolved by the family on the
     JAX side and by `teacher_timestep` on the torch side)."""
     return ctcal.default_config(family)
 
 
-def jax_family(family: str, modules: dict[str, Any], preset: dict[str, Any], explicit: bool = False,
-               remat: str | None = None):
-    """The step's `Family`; `explicit` rebuilds every module with `implementation="explicit"`; `remat`
-    (default: the preset's, else "none") is what each block keeps for the backward pass."""
+def bench_config(family: str, preset: dict[str, Any], remat: str | None = None):
+    """The training config of the JAX side (what `builder.build` reads): LoRA rank/alpha 4 on the
+    denoiser's attention and the CLIP self-attention, SPEC's AdamW groups, the SPEC loss of the
+    family, maps at the preset's resolution, one device. `remat` defaults to the preset's."""
+    c = config_lib.base_config()
+    c.lora.rank, c.lora.alpha, c.lora.text_targets = LORA_RANK, LORA_ALPHA, TEXT_LORA_TARGETS
+    c.optim.groups = tuple((f"^{name}/", lr, wd) for name, (lr, wd) in optimizer_groups(family).items())
+    c.optim.b1, c.optim.b2, c.optim.eps = ADAM["b1"], ADAM["b2"], ADAM["eps"]
+    config_lib.set_ctcal(c, ctcal_config(family))
+    c.ctcal.map_resolution = preset["resolution"]
+    c.model.remat = remat or preset.get("remat", "none")
+    c.mesh.data, c.mesh.fsdp = 1, 1
+    c.sharding.frozen = ((r".*", ()),)
+    return c
+
+
+def bench_pipeline(family: str, modules: dict[str, Any], frozen: Any, preset: dict[str, Any],
+                   explicit: bool = False) -> builder.Pipeline:
+    """The JAX side's models as the builder takes them; `explicit` rebuilds every module with
+    `implementation="explicit"` (every attention matmul visible to XLA's cost analysis)."""
     if explicit:
         modules = {k: m.clone(implementation="explicit") for k, m in modules.items()}
-    remat = remat or preset.get("remat", "none")
     texts = {c: modules[c] for c in TEXT_ENCODERS[family]}
-    config = ctcal_config(family)
     if family == "sd2":
         encoders = text.PromptEncoders("sd", {}, texts, {"text_encoder": 77})
-        return make_family(modules["unet"], encoders, config, schedule=schedules.ddpm_schedule(),
-                           prediction_type=PREDICTION_TYPE, resolution=preset["resolution"], remat=remat)
-    encoders = text.PromptEncoders("sd3", {}, texts, {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256},
-                                   joint_attention_dim=preset["transformer"]["joint_attention_dim"])
-    return make_sd3_family(modules["transformer"], encoders, config, shift=SD3_SHIFT, remat=remat)
+        scheduler = {"prediction_type": PREDICTION_TYPE}
+    else:
+        encoders = text.PromptEncoders("sd3", {}, texts, {"text_encoder": 77, "text_encoder_2": 77, "text_encoder_3": 256},
+                                       joint_attention_dim=preset["transformer"]["joint_attention_dim"])
+        scheduler = {"shift": SD3_SHIFT}
+    return builder.Pipeline(family, modules[DENOISER[family]], encoders, frozen, scheduler)
 
 
-def build_jax_step(family: str, modules: dict[str, Any], frozen, trainable, preset: dict[str, Any]):
-    """`(train_step, state, optimizer)` on a one-device mesh (the torch side uses one device)."""
-    optimizer = jax_optimizer(family, trainable)
-    state = init_state(trainable, optimizer)
-    step, frozen_sh, state_sh = one_device_step(jax_family(family, modules, preset), optimizer, frozen, state,
-                                                place_frozen=True)
-    return step, place(state, state_sh), optimizer
+def jax_family(family: str, modules: dict[str, Any], preset: dict[str, Any], explicit: bool = False,
+               remat: str | None = None):
+    """The step's `Family` from the builder; `explicit` and `remat` as in `bench_pipeline`/`bench_config`."""
+    return builder.make_family(bench_config(family, preset, remat), bench_pipeline(family, modules, {}, preset, explicit))
 
 
-def one_device_step(fam, optimizer, frozen, state, place_frozen: bool):
-    """`(train_step, frozen shardings, state shardings)`: `make_train_step` on a one-device mesh.
-    `frozen` may be abstract (`place_frozen=False`): `train_step.jitted` then lowers and compiles."""
+def build_jax_step(family: str, modules: dict[str, Any], frozen, trainable, preset: dict[str, Any],
+                   remat: str | None = None) -> builder.Run:
+    """`builder.build` on a one-device mesh (the torch side uses one device); `frozen` and `trainable`
+    may be abstract (then `run.step.jitted` lowers and compiles)."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
-    frozen_sh = param_shardings(frozen, [(r".*", ())], mesh)
-    state_sh = param_shardings(state, [(r".*", ())], mesh)
-    step = make_train_step(fam, optimizer, place(frozen, frozen_sh) if place_frozen else frozen, mesh=mesh,
-                           frozen_shardings=frozen_sh, state_shardings=state_sh)
-    return step, frozen_sh, state_sh
+    return builder.build(bench_config(family, preset, remat), bench_pipeline(family, modules, frozen, preset),
+                         mesh=mesh, trainable=trainable)
 
 
 def jax_step0_draws(family: str, rng: jax.Array, batch_size: int,
@@ -714,11 +700,10 @@ def abstract_setup(preset: dict[str, Any]) -> SimpleNamespace:
         frozen[name] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
                                     fam.abstract_params(modules[name], config))
     trainable = jax.eval_shape(lambda f: jax_trainable(family, f, preset["resolution"]), frozen)
-    optimizer = jax_optimizer(family, trainable)
-    state = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
+    run = build_jax_step(family, modules, frozen, trainable, preset)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(preset))
     return SimpleNamespace(family=family, modules=modules, frozen=frozen, trainable=trainable,
-                           optimizer=optimizer, state=state, batch=batch, rng=jax.random.key(0))
+                           optimizer=run.optimizer, state=run.state, batch=batch, rng=jax.random.key(0))
 
 
 def dry_run(preset: dict[str, Any]) -> dict[str, Any]:
@@ -764,7 +749,7 @@ def compile_policies(preset: dict[str, Any], policies: list[str]) -> list[dict[s
             frozen, batch = jax.lax.stop_gradient((frozen, batch))
             return loss_fn(fam, trainable, frozen, batch, s.rng)[0]
         kept = remat_lib.kept_bytes(loss, s.trainable, s.frozen, s.batch)
-        step, _, _ = one_device_step(fam, s.optimizer, s.frozen, s.state, place_frozen=False)
+        step = build_jax_step(s.family, s.modules, s.frozen, s.trainable, preset, remat=policy).step
         start = time.perf_counter()
         lowered = step.jitted.lower(s.frozen, s.state, s.batch, s.rng)
         lowered_at = time.perf_counter()
@@ -908,7 +893,8 @@ def setup(preset: dict[str, Any]) -> SimpleNamespace:
     batch = make_batch(preset)
     torch_step = make_torch_step(family, models_t, ae_t, batch, preset)
     checks = {"loss_check": loss_check(family, trainable["ae"], ae_t, batch, preset["resolution"])}
-    step, state, optimizer = build_jax_step(family, modules, frozen, trainable, preset)
+    run = build_jax_step(family, modules, frozen, trainable, preset)
+    step, state, optimizer = run.step, run.state, run.optimizer
     batch_j, rng = jax.tree.map(jnp.asarray, batch), jax.random.key(preset.get("rng_seed", 1))
     flops = step_flops(family, modules, preset, optimizer, frozen, state, batch_j, rng)
     return SimpleNamespace(family=family, torch_step=torch_step, jax_step=step, state=state, batch=batch,

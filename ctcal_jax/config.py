@@ -27,9 +27,11 @@ setting. Keys (API.md's "every training config has" marked *):
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from ctcal_jax import lora
+from ctcal_jax import ctcal, lora
 from ctcal_jax.data import default_config as data_config
 from ctcal_jax.data.synthetic import DEMO_PROMPTS
 
@@ -131,4 +133,15 @@ def runlocal(c: ml_collections.ConfigDict, pipeline: str) -> ml_collections.Conf
     c.mesh.data, c.mesh.fsdp = -1, 1
     c.batch_size, c.total_steps = 8, 4
     c.log_every, c.checkpoint_every, c.sample_every = 1, 2, 4
+    return c
+
+
+def set_ctcal(c: ml_collections.ConfigDict, loss: ctcal.CTCALConfig) -> ml_collections.ConfigDict:
+    """`c.ctcal` from a `ctcal.CTCALConfig` (its `num_train_timesteps` is `c.num_train_timesteps`);
+    the inverse of `builder.ctcal_config`."""
+    for field, value in dataclasses.asdict(loss).items():
+        if field == "num_train_timesteps":
+            c.num_train_timesteps = value
+        else:
+            c.ctcal[field] = -1.0 if field == "teacher_t" and value is None else value
     return c

@@ -7,6 +7,7 @@ healthy scale, the real CLIP tokenizer, a tiny T5 tokenizer, synthetic latents.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,13 +19,9 @@ import numpy as np
 from conversion import clip as clip_family
 from conversion import mmdit as mmdit_family
 from conversion import unet as unet_family
-from ctcal_jax import ctcal, lora, nouns, schedules, text
-from ctcal_jax.demo import random_params
-from ctcal_jax.families import mmdit as sd3_step
-from ctcal_jax.families import unet as sd2_step
-from ctcal_jax.optim import adamw_groups
-from ctcal_jax.sharding import make_mesh, param_shardings
-from ctcal_jax.train_step import init_state, make_train_step, place
+from conversion.tiny import random_params
+from ctcal_jax import builder, ctcal, nouns, text
+from ctcal_jax import config as config_lib
 from tiny import real_clip_tokenizer, tiny_t5_tokenizer
 
 UNET = {
@@ -49,7 +46,6 @@ def _clip(hidden: int, projected: bool) -> dict:
 PROMPTS = ["a cat and a dog on the left", "a red car next to a traffic light", "over there", "a giraffe"]
 LEXICON = {"cat": "NOUN", "dog": "NOUN", "car": "NOUN", "traffic": "NOUN", "light": "NOUN", "giraffe": "NOUN",
            "left": "NOUN", "red": "ADJ"}
-TEXT_LORA = r"self_attn\.(q|k|v|out)_proj$"
 
 
 def tagger(prompt: str):
@@ -105,36 +101,43 @@ def _models(family: str, dtype):
         family="sd" if family == "sd2" else "sd3", tokenizers={}, models=models,
         max_lengths={c: 77 for c in models} | ({} if family == "sd2" else {"text_encoder_3": 256}),
         joint_attention_dim=None if family == "sd2" else MMDIT["joint_attention_dim"])
-    return name, denoiser, frozen, encoders
+    return name, denoiser, jax.tree.map(jnp.asarray, frozen), encoders
+
+
+def pipeline(family: str = "sd2", compute_dtype=jnp.float32) -> builder.Pipeline:
+    """The tiny random pipeline of `family` as the builder takes it (float32 weights)."""
+    _, denoiser, frozen, encoders = _models(family, compute_dtype)
+    scheduler = {"prediction_type": "v_prediction"} if family == "sd2" else {"shift": 3.0}
+    return builder.Pipeline(family, denoiser, encoders, frozen, scheduler)
+
+
+def train_config(family: str = "sd2", data: int = 1, fsdp: int = 1, accum_steps: int = 1,
+           ctcal_config: ctcal.CTCALConfig | None = None, remat: str = "none"):
+    """The training config of these tests: LoRA rank 4 on the denoiser's attention and the CLIP
+    self-attention, AdamW 1e-3 / 1e-4; SD3 with a low fixed teacher (below) unless `ctcal_config`."""
+    c = config_lib.base_config()
+    name = builder.DENOISER[family]
+    c.optim.groups = ((rf"^({name}|ae)/", 1e-3, 0.01), (r"^text_encoder", 1e-4, 0.01))
+    c.mesh.data, c.mesh.fsdp, c.optim.accum_steps, c.model.remat = data, fsdp, accum_steps, remat
+    if family == "sd3":
+        # The fixed SD3 teacher (t = 570.6 at shift 3) leaves few small-t_stu samples in a tiny batch;
+        # the tests use a low fixed teacher so every sample has a CTCAL term.
+        ctcal_config = ctcal_config or dataclasses.replace(ctcal.default_config("sd3"), teacher_t=0.0)
+    return config_lib.set_ctcal(c, ctcal_config or ctcal.default_config("sd2"))
 
 
 def setup(family: str = "sd2", data: int = 1, fsdp: int = 1, accum_steps: int = 1,
           config: ctcal.CTCALConfig | None = None, devices=None, compute_dtype=jnp.float32,
           remat: str = "none") -> SimpleNamespace:
-    """`SimpleNamespace(step, state, frozen, family, optimizer)` on a (data, fsdp) mesh; frozen and
-    trainable weights are float32 whatever `compute_dtype` the models run in; `remat` goes to the family."""
-    name, denoiser, frozen, encoders = _models(family, compute_dtype)
-    rng = jax.random.split(jax.random.key(2), 2 + len(encoders.models))
-    trainable = {name: lora.init(rng[0], frozen[name], rank=4, alpha=4), "ae": ctcal.init_autoencoder(rng[1], 16)}
-    for key, c in zip(rng[2:], encoders.models):
-        trainable[c] = lora.init(key, frozen[c], targets=TEXT_LORA, rank=4, alpha=4)
+    """`SimpleNamespace(step, state, frozen, family, optimizer)` from `builder.build` on a (data, fsdp)
+    mesh; frozen and trainable weights are float32 whatever `compute_dtype` the models run in."""
+    pipe = pipeline(family, compute_dtype)
+    cfg = train_config(family, data, fsdp, accum_steps, config, remat)
+    trainable = builder.init_trainable(cfg, pipe, jax.random.key(2))
     # B starts at zero (LoRA is a no-op at init); make it non-zero so the adapters matter in tests.
     trainable = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 0.01 if jax.tree_util.keystr(p).endswith("['B']") else x, trainable)
-    if family == "sd2":
-        config = config or ctcal.default_config("sd2")
-        fam = sd2_step.make_family(denoiser, encoders, config, schedule=schedules.ddpm_schedule(),
-                                   prediction_type="v_prediction", remat=remat)
-    else:
-        # The fixed SD3 teacher (t = 570.6 at shift 3) leaves few small-t_stu samples in a tiny batch;
-        # the tests use a low fixed teacher so every sample has a CTCAL term.
-        config = config or ctcal.CTCALConfig(**{**ctcal.default_config("sd3").__dict__, "teacher_t": 0.0})
-        fam = sd3_step.make_family(denoiser, encoders, config, remat=remat)
-    optimizer = adamw_groups(trainable, [(rf"^({name}|ae)/", 1e-3, 0.01), (r"^text_encoder", 1e-4, 0.01)])
-    mesh = make_mesh(data, fsdp, devices)
-    frozen_sh = param_shardings(frozen, [(r".*/kernel$", ("fsdp_largest",)), (r".*", ())], mesh)
-    state = init_state(trainable, optimizer)
-    state_sh = param_shardings(state, [(r".*", ())], mesh)
-    step = make_train_step(fam, optimizer, place(frozen, frozen_sh), mesh=mesh, frozen_shardings=frozen_sh,
-                           state_shardings=state_sh, accum_steps=accum_steps)
-    return SimpleNamespace(step=step, state=place(state, state_sh), frozen=frozen, family=fam, optimizer=optimizer)
+    mesh = builder.mesh_from_config(cfg, devices)
+    run = builder.build(cfg, pipe, mesh=mesh, trainable=trainable)
+    return SimpleNamespace(step=run.step, state=run.state, frozen=pipe.params, family=run.family,
+                           optimizer=run.optimizer)

@@ -14,6 +14,7 @@ from flax.traverse_util import flatten_dict
 from conversion import clip as clip_family
 from conversion import mmdit as mmdit_family
 from conversion import t5 as t5_family
+from conversion import tiny as tiny_pipelines
 from conversion import unet as unet_family
 from ctcal_jax import lora
 from ctcal_jax.attention import AttnCapture
@@ -44,20 +45,8 @@ TARGETS = {
 
 
 def random_params(shapes, seed: int):
-    """Random weights at a healthy scale: norm scales near 1, fan-in-scaled kernels, small biases."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        name, noise = jax.tree_util.keystr(path), rng.normal(size=shape.shape).astype(np.float32)
-        if name.endswith("['scale']"):
-            return jnp.asarray(1.0 + 0.1 * noise)
-        if name.endswith("['bias']"):
-            return jnp.asarray(0.1 * noise)
-        if name.endswith("['kernel']"):
-            return jnp.asarray(noise / np.sqrt(np.prod(shape.shape[:-1])))
-        return jnp.asarray(noise)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
+    """`conversion.tiny.random_params` as device arrays."""
+    return jax.tree.map(jnp.asarray, tiny_pipelines.random_params(shapes, seed))
 
 
 def randomized(lp, seed=1, scale=1.0):

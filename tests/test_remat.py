@@ -3,7 +3,7 @@ the same parameter tree, outputs, attention maps and gradients as without remat,
 activations kept for the backward pass.
 
 The models are tiny and built from configs with `conversion.<family>.build(...).clone(remat=...)`,
-as a trainer does; weights are random at a healthy scale (`demo.random_params`).
+as a trainer does; weights are random at a healthy scale (`conversion.tiny.random_params`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from conversion import clip, mmdit, t5, unet
 from ctcal_jax.attention import TACA, AttnCapture
-from ctcal_jax.demo import random_params
+from conversion.tiny import random_params
 from ctcal_jax.families.unet import with_remat
 from ctcal_jax.models import remat as remat_lib
 from ctcal_jax.text import PromptEncoders

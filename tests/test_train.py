@@ -166,3 +166,27 @@ def test_a_nan_stops_the_run_naming_step_and_metric_and_keeps_the_last_good_chec
     assert "non-finite metrics at step 2" in last and "loss=nan" in last, last
     saved = sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == ["1"]
+
+
+def test_image_folder_run_encodes_with_the_vae_and_counts_bad_rows(tmp):
+    """`data.kind=imagefolder`: the frozen VAE encodes the images inside the step; a missing image and
+    an empty prompt are skipped, counted in metrics.jsonl, and the run goes on."""
+    from PIL import Image
+
+    folder = tmp / "images"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    rows = []
+    for i, (prompt, nouns) in enumerate([("a cat on a sofa", ["cat", "sofa"]), ("a red car", ["car"]),
+                                         ("a boat on a lake", ["boat", "lake"]), ("a dog", ["dog"])]):
+        Image.fromarray(rng.randint(0, 256, (300, 280, 3), np.uint8)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": prompt, "nouns": nouns})
+    rows += [{"file_name": "missing.png", "text": "a bird", "nouns": ["bird"]},
+             {"file_name": "0.png", "text": "  ", "nouns": []}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    workdir = tmp / "imagefolder"
+    train(tmp, workdir, "--config.data.kind=imagefolder", f"--config.data.path={folder}",
+          "--config.total_steps=2", "--config.batch_size=4", "--config.sample_every=0", "--config.log_every=2")
+    last = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["step"] == 2 and np.isfinite(last["loss"])
+    assert last["data/skipped_rows"] >= 2, last
