@@ -31,6 +31,7 @@ from absl import logging
 from tqdm import tqdm
 
 from conversion import load_component, load_encoders
+from conversion.pipeline import resolve
 from ctcal_jax import nouns, text
 from ctcal_jax.data import bad_rows, records
 from ctcal_jax.data.imagefolder import ImageFolderSource
@@ -119,6 +120,7 @@ def prepare(
     callable (`nouns.tag`); rows that name their nouns are not tagged."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    pretrained = resolve(str(pretrained))  # a folder, a hub id or builtin:<name>, as the trainer takes
     encoders, text_params = load_encoders(pretrained)
     vae, vae_params = load_component(pretrained, "vae")
     source = ImageFolderSource(data, encoders, resolution=resolution, max_nouns=max_nouns,
@@ -185,7 +187,8 @@ def _manifest(out: Path, shards: list[dict[str, Any]], family: str, resolution: 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", required=True, help="diffusers pipeline folder (model_index.json)")
+    parser.add_argument("--pretrained", required=True, help="diffusers pipeline folder (model_index.json), hub id or builtin:<name>: "
+                        "the trainer's model.pretrained")
     parser.add_argument("--data", required=True, help="image folder with metadata.jsonl")
     parser.add_argument("--out", required=True, help="output folder (re-running resumes)")
     parser.add_argument("--resolution", type=int, default=512)
