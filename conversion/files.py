@@ -16,6 +16,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ctcal_jax.atomic import atomic_write
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -114,17 +116,11 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict
         arrays.append(a)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = file.with_name(file.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for a in arrays:
-                f.write(a.tobytes())
-        tmp.replace(file)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write leaves the existing file and no partial one
-        raise
+    with atomic_write(file, "wb") as f:  # a failed write leaves the existing file and no partial one
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
 
 
 def read_state_dict(

@@ -33,6 +33,7 @@ import numpy as np
 
 from conversion import files, load, names
 from ctcal_jax import lora
+from ctcal_jax.atomic import atomic_write
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
@@ -199,9 +200,8 @@ def export_component(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = "diffusion_pytorch_model.safetensors" if "_class_name" in config else "model.safetensors"
     files.write_safetensors(out_dir / weights, state, {"format": "pt"})
-    tmp = out_dir / "config.json.tmp"
-    tmp.write_text(config_file.read_text())
-    tmp.replace(out_dir / "config.json")
+    with atomic_write(out_dir / "config.json") as f:
+        f.write(config_file.read_text())
     return out_dir
 
 

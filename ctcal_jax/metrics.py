@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from ctcal_jax import viz
+from ctcal_jax.atomic import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -66,16 +66,8 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
                 kept.append(line.rstrip("\n") + "\n")  # verbatim: the row is not ours to reformat
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        f.writelines(kept)
 
 
 class MetricsWriter:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging as pylogging
-import os
 import signal
 import sys
 import time
@@ -37,6 +36,7 @@ from ml_collections import config_flags
 from conversion import export_lora
 from conversion import pipeline as pipeline_io
 from ctcal_jax import builder, data
+from ctcal_jax.atomic import atomic_write
 from ctcal_jax.checkpoints import Checkpoints
 from ctcal_jax.metrics import MetricsWriter, Progress
 from ctcal_jax.probe import attention_figure, first_examples
@@ -77,9 +77,8 @@ def check_config_json(workdir: Path, config_json: dict[str, Any], resuming: bool
             raise ValueError(f"{file}: this run was started with a different config ({', '.join(changed)}); "
                              f"resume with the same settings or use a new --workdir")
     if jax.process_index() == 0:
-        tmp = file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(config_json, indent=2, sort_keys=True))
-        os.replace(tmp, file)
+        with atomic_write(file) as f:
+            f.write(json.dumps(config_json, indent=2, sort_keys=True))
 
 
 def to_device(batch: dict[str, Any], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -10,12 +10,13 @@ font, so they render the same offline on every host.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ctcal_jax.atomic import atomic_write
 
 # matplotlib's viridis (its 256-entry `_viridis_data` table) at 0, 0.1, ..., 1 of its range.
 # Viridis is perceptually uniform with monotonically rising lightness, so a brighter tile means more
@@ -249,17 +250,6 @@ def save_png(image: Any, path: str | os.PathLike[str]) -> None:
     `path`: a run killed mid-write (pre-emption) leaves the previous file or none, never a
     truncated one that a reader or a resumed run would choke on.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     pil = to_pil(image)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        pil.save(f, format="PNG")

@@ -1,24 +1,19 @@
 """Tiny image folders for the data tests: every kind of bad row, a dictionary tagger."""
 
+import functools
 import json
 
 import numpy as np
 from PIL import Image
+
+from tiny import tag_words
 
 LEXICON = {"cat": "NOUN", "dog": "NOUN", "sofa": "NOUN", "car": "NOUN", "red": "ADJ", "boat": "NOUN",
            "lake": "NOUN", "bird": "NOUN", "tree": "NOUN", "left": "NOUN"}
 RES = 16
 
 
-def tagger(prompt: str):
-    """A dictionary tagger (Stanza's models cannot be downloaded here); module-level, so grain's
-    worker processes unpickle it by name."""
-    out, pos = [], 0
-    for word in prompt.split():
-        start = prompt.index(word, pos)
-        pos = start + len(word)
-        out.append((word, LEXICON.get(word, "X"), start, pos))
-    return out
+tagger = functools.partial(tag_words, LEXICON)  # picklable: grain's worker processes run it
 
 
 def image(width: int, height: int, seed: int) -> Image.Image:

@@ -8,6 +8,7 @@ healthy scale, the real CLIP tokenizer, a tiny T5 tokenizer, synthetic latents.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from conversion import unet as unet_family
 from conversion.tiny import random_params
 from ctcal_jax import builder, ctcal, nouns, text
 from ctcal_jax import config as config_lib
-from tiny import real_clip_tokenizer, tiny_t5_tokenizer
+from tiny import real_clip_tokenizer, tag_words, tiny_t5_tokenizer
 
 UNET = {
     "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 32], "layers_per_block": 1,
@@ -48,14 +49,7 @@ LEXICON = {"cat": "NOUN", "dog": "NOUN", "car": "NOUN", "traffic": "NOUN", "ligh
            "left": "NOUN", "red": "ADJ"}
 
 
-def tagger(prompt: str):
-    """A dictionary tagger (the tests cannot download Stanza's models)."""
-    out, pos = [], 0
-    for word in prompt.split():
-        start = prompt.index(word, pos)
-        pos = start + len(word)
-        out.append((word, LEXICON.get(word, "X"), start, pos))
-    return out
+tagger = functools.partial(tag_words, LEXICON)
 
 
 def _t5_tokenizer():

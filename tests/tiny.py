@@ -142,3 +142,15 @@ def tiny_t5_tokenizer(folder: Path, vocab_size: int = 120):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spiece.model").write_bytes(model.getvalue())
     return T5TokenizerFast.from_pretrained(folder)
+
+
+def tag_words(lexicon: dict[str, str], prompt: str) -> list[tuple[str, str, int, int]]:
+    """A dictionary tagger, `(word, UPOS, start, end)` per space-separated word (Stanza's models cannot
+    be downloaded here): `functools.partial(tag_words, LEXICON)` is picklable, so grain's worker
+    processes can run it."""
+    out, pos = [], 0
+    for word in prompt.split():
+        start = prompt.index(word, pos)
+        pos = start + len(word)
+        out.append((word, lexicon.get(word, "X"), start, pos))
+    return out
