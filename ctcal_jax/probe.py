@@ -1,19 +1,22 @@
 """What the trainer draws every `sample_every` steps: each noun's map at the student timestep beside
 the teacher's (SPEC §3's alignment maps: sub-token mean, smoothing, min-max), over the example image.
 
-The same examples every time (the data's first batch at the run's seed, at most `MAX_PROMPTS`), the
+The same examples every time (the data source's first usable rows, at most `MAX_PROMPTS`), the
 same noise, t_stu = 0.8·T and the objective's teacher timestep, so successive figures show how
 training moves the student's maps towards the teacher's.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from ctcal_jax import ctcal, data, schedules, viz
@@ -57,17 +60,17 @@ def noun_maps(config: ml_collections.ConfigDict, pipe: Pipeline, frozen: Any, tr
     return ctcal.minmax_normalize(smoothed)
 
 
-def _images(pipe: Pipeline, frozen: Any, batch: dict[str, Any]) -> np.ndarray:
+def images(pipe: Pipeline, frozen: Any, batch: dict[str, Any]) -> jax.Array:
     """`[B, H, W, 3]` in [0, 1]: the data image, the VAE's decoding of the latents, or (no VAE) the
     latents' first three channels min-max normalised."""
     if "images" in batch:
-        return (np.asarray(batch["images"]) + 1) / 2
+        return (batch["images"] + 1) / 2
     if pipe.vae is not None and "vae" in frozen:
-        z = unscale_latents(jnp.asarray(batch["latents"]), pipe.vae)
-        return np.clip((np.asarray(pipe.vae.apply({"params": frozen["vae"]}, z, method="decode")) + 1) / 2, 0, 1)
-    x = np.asarray(batch["latents"])[..., :3]
+        z = unscale_latents(batch["latents"], pipe.vae)
+        return jnp.clip((pipe.vae.apply({"params": frozen["vae"]}, z, method="decode") + 1) / 2, 0, 1)
+    x = batch["latents"][..., :3]
     lo, hi = x.min(axis=(1, 2), keepdims=True), x.max(axis=(1, 2), keepdims=True)
-    return (x - lo) / np.maximum(hi - lo, 1e-6)
+    return (x - lo) / jnp.maximum(hi - lo, 1e-6)
 
 
 def _words(pipe: Pipeline, batch: dict[str, Any], i: int) -> list[str]:
@@ -99,29 +102,37 @@ def first_examples(config: ml_collections.ConfigDict, pipe: Pipeline) -> dict[st
     return jax.tree.map(lambda *xs: np.stack(xs), *examples)
 
 
-def attention_figure(config: ml_collections.ConfigDict, pipe: Pipeline, run: Run, trainable: Any,
-                     batch: dict[str, Any]) -> Image.Image | None:
-    """The figure for the current `trainable` on `batch` (module docstring); None without CTCAL maps."""
-    if run.family.ctcal is None or batch is None:
+def figure_maker(config: ml_collections.ConfigDict, pipe: Pipeline, run: Run) -> Callable[[Any], Image.Image] | None:
+    """`draw(trainable) -> PIL image` of the module docstring, compiled once; None when the objective
+    captures no maps (diffusion-only, TACA) or `config.sample_every` is 0.
+
+    The computation runs on the mesh with the frozen weights where they are (sharded, on every
+    host) and returns replicated maps, so every host can draw; the trainer saves host 0's.
+    """
+    if run.family.ctcal is None or not config.sample_every:
         return None
-    frozen = jax.device_get(run.frozen)
-    trainable = jax.device_get(trainable)
-    n = min(MAX_PROMPTS, batch["latents"].shape[0] if "latents" in batch else batch["images"].shape[0])
-    batch = jax.tree.map(lambda x: np.asarray(x)[:n], batch)
-    if "latents" not in batch:
-        batch["latents"] = np.asarray(latents(batch, frozen, pipe.vae, jax.random.key(0)))
+    batch = first_examples(config, pipe)
     t_stu = STUDENT_FRACTION * config.num_train_timesteps
     t_tea = run.family.ctcal.teacher_t or 0.0
-    compute = jax.jit(lambda f, tr, bt, t: noun_maps(config, pipe, f, tr, bt, t))
-    student, teacher = (np.asarray(compute(frozen, trainable, batch, t)) for t in (t_stu, t_tea))
-    images = _images(pipe, frozen, batch)
-    rows = []
-    for i in range(n):
-        words = _words(pipe, batch, i)
-        k = len(words)
-        prompt = pipe.encoders.tokenizers["text_encoder"].decode(
-            np.asarray(batch["input_ids"]["text_encoder"][i]), skip_special_tokens=True).strip() \
-            if "text_encoder" in pipe.encoders.tokenizers else f"example {i}"
-        rows.append({"prompt": prompt, "image": images[i], "words": words, "student": student[i, ..., :k],
-                     "teacher": teacher[i, ..., :k], "t_student": t_stu, "t_teacher": t_tea})
-    return viz.attention_figure(rows)
+
+    @functools.partial(jax.jit, out_shardings=NamedSharding(run.mesh, PartitionSpec()))
+    def compute(frozen, trainable, batch):
+        if "latents" not in batch:
+            batch = {**batch, "latents": latents(batch, frozen, pipe.vae, jax.random.key(config.seed))}
+        return {"student": noun_maps(config, pipe, frozen, trainable, batch, t_stu),
+                "teacher": noun_maps(config, pipe, frozen, trainable, batch, t_tea),
+                "images": images(pipe, frozen, batch)}
+
+    tokenizer = pipe.encoders.tokenizers.get("text_encoder")
+    words = [_words(pipe, batch, i) for i in range(len(batch["input_ids"]["text_encoder"]))]
+    prompts = [tokenizer.decode(ids, skip_special_tokens=True).strip() if tokenizer is not None else f"example {i}"
+               for i, ids in enumerate(np.asarray(batch["input_ids"]["text_encoder"]))]
+
+    def draw(trainable: Any) -> Image.Image:
+        out = jax.device_get(compute(run.frozen, trainable, batch))
+        return viz.attention_figure([
+            {"prompt": prompts[i], "image": out["images"][i], "words": w, "student": out["student"][i, ..., :len(w)],
+             "teacher": out["teacher"][i, ..., :len(w)], "t_student": t_stu, "t_teacher": t_tea}
+            for i, w in enumerate(words)])
+
+    return draw

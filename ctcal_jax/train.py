@@ -39,7 +39,7 @@ from ctcal_jax import builder, data
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.checkpoints import Checkpoints
 from ctcal_jax.metrics import MetricsWriter, Progress
-from ctcal_jax.probe import attention_figure, first_examples
+from ctcal_jax.probe import figure_maker
 from ctcal_jax.viz import save_png
 
 FLAGS = flags.FLAGS
@@ -137,7 +137,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
     if start:
         state = ckpts.restore(start, state, run.state_shardings, loader)
         logging.info("resumed %s at step %d", workdir, start)
-    figure_batch = first_examples(config, pipe) if config.sample_every else None
+    draw_figure = figure_maker(config, pipe, run)
 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start if start else None)
     progress = Progress(config.total_steps, initial=start, enabled=jax.process_index() == 0)
@@ -167,9 +167,9 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
                 writer.write(done, last)
                 progress.update(done, last["loss"], speed)
                 logging.info("step %d  loss %.5f  %.2f samples/s", done, last["loss"], speed)
-            if config.sample_every and (done % config.sample_every == 0 or final):
-                fig = attention_figure(config, pipe, run, state["params"], figure_batch)
-                if fig is not None and jax.process_index() == 0:
+            if draw_figure is not None and (done % config.sample_every == 0 or final):
+                fig = draw_figure(state["params"])
+                if jax.process_index() == 0:
                     (workdir / "figures").mkdir(exist_ok=True)
                     save_png(fig, workdir / "figures" / f"attention_{done:07d}.png")
                     writer.write_image(done, "attention", fig)
