@@ -9,8 +9,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Entry points: `python -m ctcal_jax.demo` (the embedded default job), `python -m ctcal_jax.prepare`.
-PROGRAMS = {"ctcal_jax/demo.py", "ctcal_jax/prepare.py", "ctcal_jax/train.py"}
+# Entry points: `python -m ctcal_jax.demo` (the embedded default job), `python -m ctcal_jax.prepare`,
+# `python -m ctcal_jax.train`, `python -m ctcal_jax.compile_check`.
+PROGRAMS = {"ctcal_jax/demo.py", "ctcal_jax/prepare.py", "ctcal_jax/train.py", "ctcal_jax/compile_check.py"}
 
 
 def imported_packages(file: Path) -> set[str]:
