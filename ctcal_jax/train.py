@@ -35,7 +35,7 @@ from ml_collections import config_flags
 
 from conversion import export_lora
 from conversion import pipeline as pipeline_io
-from ctcal_jax import builder, data
+from ctcal_jax import builder, cli, data
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.checkpoints import Checkpoints
 from ctcal_jax.metrics import MetricsWriter, Progress
@@ -210,29 +210,9 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
-    """Entry point: parse flags; a bad `--config` file or override is a one-line error, no traceback."""
-    flags.mark_flags_as_required(["config", "workdir"])
-    try:
-        argv = FLAGS(sys.argv)
-        FLAGS.config.keys()  # the config file is loaded lazily: fail here, not inside the run
-    except (flags.Error, OSError, AttributeError, KeyError, ValueError, TypeError) as e:
-        # What flags and ml_collections raise for a missing file, an unknown key or a bad value; an
-        # error inside a config's own code keeps its traceback.
-        sys.exit(f"error: {config_error(e, sys.argv)}")
+    """Entry point: parse flags (a bad `--config` file or override is a one-line error), then train."""
+    argv = cli.parse_flags(sys.argv, ["config", "workdir"])
     app.run(main, argv=argv, flags_parser=lambda a: a)
-
-
-def config_error(e: Exception, argv: list[str]) -> str:
-    """One line for a flag-parsing failure; an unknown config key is named as the user typed it."""
-    text = " ".join(str(e.__cause__ or e).split())
-    if isinstance(e, OSError):  # the config file itself: name it, with the reason's last line
-        return f"--config {FLAGS['config'].config_filename}: {str(e).strip().splitlines()[-1].strip()}"
-    if isinstance(e.__cause__ or e, (AttributeError, KeyError)):
-        key = text.strip("\"'")
-        typed = [a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)]
-        where = typed[0] if typed else key
-        return f"{where}: no such config key (every key is listed in ctcal_jax/config.py)"
-    return text
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Entry points: `python -m ctcal_jax.train` (the trainer), `python -m ctcal_jax.prepare` (data preparation).
-PROGRAMS = {"ctcal_jax/prepare.py", "ctcal_jax/train.py"}
+# Entry points: `python -m ctcal_jax.train` (the trainer), `python -m ctcal_jax.prepare` (data
+# preparation), `python -m ctcal_jax.compile_check` (a config's step compiled with abstract weights).
+PROGRAMS = {"ctcal_jax/prepare.py", "ctcal_jax/train.py", "ctcal_jax/compile_check.py"}
 
 
 def imported_packages(file: Path) -> set[str]:
