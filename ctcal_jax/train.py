@@ -117,6 +117,32 @@ def export_adapters(workdir: Path, params: dict[str, Any]) -> None:
         export_lora(workdir / "lora", {c: lp for c, lp in params.items() if c != "ae"})
 
 
+class Preemption:
+    """Whether to save and stop after step `n`: SIGTERM was received (one host), or JAX's preemption
+    sync point was reached (several hosts: every host answers True at the same step, so all save the
+    same step; `jax.distributed.initialize()` installs the SIGTERM notifier that feeds it)."""
+
+    def __init__(self):
+        self.multihost = jax.process_count() > 1
+        self.received = False
+        if not self.multihost:
+            self.previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_: Any) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        if self.multihost:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def close(self) -> None:
+        if not self.multihost:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 def train(config: Any, workdir: str | Path) -> dict[str, float]:
     """Run (or resume) `config` in `workdir`; returns the last logged metrics."""
     workdir = Path(workdir)
@@ -144,8 +170,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
     rng = jax.random.key(config.seed)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     bad = {"step": jnp.int32(-1), "metrics": None}
-    preempted = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+    preemption = Preemption()
     last: dict[str, float] = {}
     tick, tick_step = time.perf_counter(), start
     try:
@@ -157,6 +182,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
             bad = _watch(bad, jnp.int32(step + 1), metrics)
             done = step + 1
             final = done == config.total_steps
+            preempted = preemption.reached(done)
             if done % config.log_every == 0 or final or preempted:
                 check_finite(bad)
                 now = time.perf_counter()
@@ -182,7 +208,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
                 logging.warning("SIGTERM: saved step %d in %s; the same command resumes", done, workdir)
                 sys.exit(143)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        preemption.close()
         ckpts.wait()
         progress.close()
         writer.close()

@@ -58,6 +58,19 @@ def test_text_example_sd_equals_prepare_batch(sd, clip):
     assert set(ex) == {"input_ids", "noun_weights", "token_mask"}  # no reward
 
 
+def test_text_example_is_thread_safe(sd):
+    """grain reads examples in threads; the shared tokenizer must not mix their lengths (it did: the
+    Rust backend's padding/truncation state is per tokenizer, not per call)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"a cat and a dog {'very ' * (i % 9)}far away on the left" for i in range(48)]
+    serial = [data.text_example(sd, p, ["cat", "dog"], max_nouns=4) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda p: data.text_example(sd, p, ["cat", "dog"], max_nouns=4), prompts))
+    for a, b in zip(serial, threaded):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 def test_text_example_given_nouns_and_reward(sd, clip):
     ex = data.text_example(sd, "a red car", ["red car"], 0.5, max_nouns=4, tagger="stanza")  # stanza never runs
     ref = nouns.prepare_batch(["a red car"], clip, max_nouns=4, seq_len=77, given=[["red car"]])

@@ -16,6 +16,7 @@ The noun arrays are exactly `nouns.prepare_batch`'s for a batch of one.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,13 +52,25 @@ def text_example(
 
     Raises ValueError when a given noun is not a word of the prompt (`nouns.given_spans`).
     """
-    out: dict[str, Any] = {"input_ids": {
-        c: text.tokenize(tok, [prompt], encoders.max_lengths[c])["input_ids"][0]
-        for c, tok in encoders.tokenizers.items()}}
     if given is None:
         # SD3 selects nouns in two token streams: tag the prompt once, not once per tokenizer.
         words = nouns.tag(prompt, tagger)
         tagger = lambda _: words  # noqa: E731
+    with _TOKENIZER_LOCK:
+        return _text_arrays(encoders, prompt, given, reward, max_nouns, include_adjectives, tagger)
+
+
+# grain reads examples in several threads, and a transformers tokenizer is not thread-safe: each call
+# sets the padding and truncation of its shared Rust backend, so two threads tokenizing at once can
+# get each other's lengths. Tokenizing is a small part of an example's cost; it runs one at a time.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def _text_arrays(encoders: text.PromptEncoders, prompt: str, given: Sequence[str] | None, reward: float | None,
+                 max_nouns: int, include_adjectives: bool, tagger: nouns.Tagger) -> dict[str, Any]:
+    out: dict[str, Any] = {"input_ids": {
+        c: text.tokenize(tok, [prompt], encoders.max_lengths[c])["input_ids"][0]
+        for c, tok in encoders.tokenizers.items()}}
 
     def arrays(component: str) -> tuple[np.ndarray, np.ndarray]:
         a = nouns.prepare_batch([prompt], encoders.tokenizers[component], max_nouns=max_nouns,
