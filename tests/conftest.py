@@ -14,3 +14,20 @@ flags.FLAGS.mark_as_parsed()
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_rngs():
+    """Every test starts from the same global RNG states, whatever ran before it in its process:
+    PyTorch modules draw their initial weights from torch's global generator, and with pytest-xdist
+    the tests that precede one differ from run to run (a parity test's error is a property of its
+    weights; it must not change with the test order)."""
+    np.random.seed(0)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
+    yield

@@ -8,6 +8,7 @@ CLIP text encoders (CLIP-L, CLIP-G).
 """
 
 import copy
+import os
 import types
 
 import jax
@@ -389,7 +390,7 @@ def test_export_is_atomic(sd, tmp_path, monkeypatch):
     lp = mixed_lora(sd.params["unet"], lora.DEFAULT_TARGETS, 2.0, seed=8)
     file = export_lora(tmp_path, {"unet": lp})
     good = file.read_bytes()
-    real_open = open
+    real_fdopen = os.fdopen
 
     class DiskFull:
         def __init__(self, f):
@@ -407,7 +408,8 @@ def test_export_is_atomic(sd, tmp_path, monkeypatch):
                 raise OSError("disk full")
             return self.f.write(data)
 
-    monkeypatch.setattr(files, "open", lambda *a, **k: DiskFull(real_open(*a, **k)), raising=False)
+    # Writes go through `ctcal_jax.atomic.atomic_write`, which opens its temporary file with os.fdopen.
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: DiskFull(real_fdopen(*a, **k)))
     with pytest.raises(OSError, match="disk full"):
         export_lora(tmp_path, {"unet": random_lora(lp, seed=9)})
     assert file.read_bytes() == good
