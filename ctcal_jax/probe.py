@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
-from ctcal_jax import ctcal, data, schedules, viz
+from ctcal_jax import data, maps, schedules, viz
 from ctcal_jax.attention import AttnCapture
 from ctcal_jax.builder import Pipeline, Run
 from ctcal_jax.families.common import encode, latents, variables
@@ -48,16 +48,16 @@ def noun_maps(config: ml_collections.ConfigDict, pipe: Pipeline, frozen: Any, tr
         x_t = schedules.add_noise(sched, x0, noise, ts.astype(jnp.int32))
         _, aux = pipe.denoiser.apply(v, x_t, ts, emb["prompt_embeds"],
                                      capture=AttnCapture(resolutions=(config.ctcal.map_resolution,)))
-        maps = aux["attn"]
+        attn = aux["attn"]
     else:
         x_t = schedules.flow_noisy_input(x0, noise, schedules.flow_sigmas(ts, config.num_train_timesteps))
         blocks = config.ctcal.capture_blocks
         _, aux = pipe.denoiser.apply(v, x_t, ts, emb["prompt_embeds"], emb["pooled_prompt_embeds"],
                                      capture=AttnCapture(blocks=None if blocks is None else tuple(blocks)))
-        maps = aux["attn"][..., :77]
+        attn = aux["attn"][..., :77]
     weights = batch[_clip_stream(pipe)[0]]
-    smoothed = ctcal.gaussian_smooth(ctcal.group_mean(maps, weights), config.ctcal.kernel_size, config.ctcal.sigma)
-    return ctcal.minmax_normalize(smoothed)
+    smoothed = maps.gaussian_smooth(maps.group_mean(attn, weights), config.ctcal.kernel_size, config.ctcal.sigma)
+    return maps.minmax_normalize(smoothed)
 
 
 def images(pipe: Pipeline, frozen: Any, batch: dict[str, Any]) -> jax.Array:

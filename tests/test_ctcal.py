@@ -1,6 +1,6 @@
-"""CTCAL formulas (SPEC §2–3) against hand-computed values and independent numpy/torch references:
-smoothing, normalisation, re-weighting, every λ term, τ, λ_t, GORS, the autoencoder, the teacher
-timestep, no-noun samples and where gradients flow."""
+"""CTCAL formulas (SPEC §3) against hand-computed values and independent numpy/torch references:
+every λ term, τ, λ_t, GORS, the autoencoder, the teacher timestep, no-noun samples and where
+gradients flow. The map processing of SPEC §2 is tested in test_maps.py."""
 
 import dataclasses
 
@@ -15,43 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from ctcal_jax import ctcal
+from tests.map_refs import np_group, np_minmax, np_smooth, np_softmax_masked
 
 terms_jit = jax.jit(ctcal.ctcal_terms, static_argnames="config")
 
-# --- numpy references -------------------------------------------------------------------------------
-
-
-def np_kernel(k, sigma):
-    x = np.arange(k) - (k - 1) / 2
-    w = np.exp(-((x / (2 * sigma)) ** 2))
-    return w / w.sum()
-
-
-def np_smooth(maps, k, sigma):
-    """Attend-and-Excite: reflect pad, one 2-D (outer-product) kernel, "same" — with explicit loops."""
-    w2 = np.outer(np_kernel(k, sigma), np_kernel(k, sigma))
-    p = k // 2
-    padded = np.pad(maps, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-    out = np.zeros_like(maps, dtype=np.float64)
-    for a in range(k):
-        for b in range(k):
-            out += w2[a, b] * padded[:, a:a + maps.shape[1], b:b + maps.shape[2]]
-    return out
-
-
-def np_minmax(m):
-    lo, hi = m.min(axis=(1, 2), keepdims=True), m.max(axis=(1, 2), keepdims=True)
-    return np.where(hi - lo > 0, (m - lo) / np.where(hi - lo > 0, hi - lo, 1), 0)
-
-
-def np_softmax_masked(maps, mask, scale):
-    x = np.where(mask[:, None, None, :], scale * maps, -np.inf)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def np_group(maps, weights):
-    return np.einsum("bhwt,bnt->bhwn", maps, weights)
+# --- torch reference -------------------------------------------------------------------------------
 
 
 def torch_autoencoder(params, x_nhwc):
@@ -68,74 +36,6 @@ def torch_autoencoder(params, x_nhwc):
     for i in range(stages):
         x = conv(f"decoder_{i}", F.interpolate(x if i == 0 else F.gelu(x), scale_factor=2, mode="nearest"), 1)
     return code.permute(0, 2, 3, 1).numpy(), torch.sigmoid(x).permute(0, 2, 3, 1).numpy()
-
-
-# --- map processing --------------------------------------------------------------------------------
-
-
-def test_kernel_weights():
-    np.testing.assert_allclose(ctcal.gaussian_kernel_1d(3, 0.5), [0.2119, 0.5761, 0.2119], atol=5e-5)
-    e1, e4 = np.exp(-1), np.exp(-4)  # k = 5, σ = 0.5: exp(-(x/1)²) at x = 0, ±1, ±2
-    np.testing.assert_allclose(ctcal.gaussian_kernel_1d(5, 0.5), np.array([e4, e1, 1, e1, e4]) / (1 + 2 * e1 + 2 * e4),
-                               rtol=1e-6)
-
-
-def test_smoothing_hand_values_and_references():
-    x = np.zeros((1, 3, 3, 1), np.float32)
-    x[0, 0, 0, 0] = 1.0  # a corner delta: the reflected copies fall on zeros
-    out = np.asarray(ctcal.gaussian_smooth(jnp.asarray(x), 3, 0.5))[0, :, :, 0]
-    c, s = 0.57612, 0.21194
-    np.testing.assert_allclose(out, [[c * c, c * s, 0], [s * c, s * s, 0], [0, 0, 0]], atol=1e-4)
-
-    x = np.zeros((1, 3, 3, 1), np.float32)
-    x[0, 0, 1, 0] = 1.0  # next to the edges: reflection reaches it from both sides of columns 0 and 2
-    out = np.asarray(ctcal.gaussian_smooth(jnp.asarray(x), 3, 0.5))[0, :, :, 0]
-    np.testing.assert_allclose(out, [[2 * c * s, c * c, 2 * c * s], [2 * s * s, s * c, 2 * s * s], [0, 0, 0]], atol=1e-4)
-
-    rng = np.random.default_rng(0)
-    maps = rng.random((2, 16, 16, 5)).astype(np.float32)
-    for k in (3, 5):
-        ours = np.asarray(ctcal.gaussian_smooth(jnp.asarray(maps), k, 0.5))
-        np.testing.assert_allclose(ours, np_smooth(maps, k, 0.5), rtol=1e-5, atol=1e-6)
-        # Attend-and-Excite's own path: F.pad(reflect) then one conv2d with the 2-D kernel.
-        kernel = torch.from_numpy(np.outer(np_kernel(k, 0.5), np_kernel(k, 0.5)).astype(np.float32))
-        t = torch.from_numpy(maps).permute(0, 3, 1, 2).reshape(10, 1, 16, 16)
-        ref = F.conv2d(F.pad(t, (k // 2,) * 4, mode="reflect"), kernel[None, None])
-        np.testing.assert_allclose(ours, ref.reshape(2, 5, 16, 16).permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="odd"):
-        ctcal.gaussian_smooth(jnp.asarray(maps), 4, 0.5)
-
-
-def test_minmax():
-    m = np.array([[1.0, 3.0], [2.0, 5.0]], np.float32)[None, :, :, None]
-    np.testing.assert_allclose(np.asarray(ctcal.minmax_normalize(jnp.asarray(m)))[0, :, :, 0], [[0, 0.5], [0.25, 1]])
-    const = jnp.full((1, 2, 2, 1), 0.3)
-    np.testing.assert_array_equal(np.asarray(ctcal.minmax_normalize(const)), 0.0)
-    g = jax.grad(lambda x: ctcal.minmax_normalize(x).sum())(const)
-    assert np.all(np.isfinite(np.asarray(g)))
-
-
-def test_reweight():
-    a = np.zeros((1, 1, 2, 5), np.float32)
-    a[0, 0, 0] = [0.5, 0.01, 0.02, 0.3, 0.9]  # SOT, two prompt tokens, EOT, padding
-    mask = np.array([[0, 1, 1, 0, 0]], bool)
-    out = np.asarray(ctcal.reweight(jnp.asarray(a), jnp.asarray(mask), 100.0))
-    e = np.e
-    np.testing.assert_allclose(out[0, 0, 0], [0, 1 / (1 + e), e / (1 + e), 0, 0], rtol=1e-6)
-    np.testing.assert_allclose(out[0, 0, 1], [0, 0.5, 0.5, 0, 0], rtol=1e-6)
-    empty = ctcal.reweight(jnp.asarray(a), jnp.zeros((1, 5), bool))
-    np.testing.assert_array_equal(np.asarray(empty), 0.0)
-
-
-def test_group_mean_and_all_tokens():
-    maps = np.arange(2 * 1 * 1 * 4, dtype=np.float32).reshape(2, 1, 1, 4)
-    w = np.zeros((2, 2, 4), np.float32)
-    w[:, 0, 1] = 1.0
-    w[:, 1, 2:4] = 0.5
-    np.testing.assert_allclose(np.asarray(ctcal.group_mean(jnp.asarray(maps), jnp.asarray(w)))[:, 0, 0],
-                               [[1, 2.5], [5, 6.5]])
-    eye = np.asarray(ctcal.all_token_weights(jnp.asarray([[0, 1, 1, 0]], bool)))
-    np.testing.assert_array_equal(eye[0], np.diag([0, 1, 1, 0]))
 
 
 # --- autoencoder ---------------------------------------------------------------------------------------
