@@ -146,3 +146,23 @@ def describe_device() -> dict[str, Any]:
         # Other work on the machine skews absolute times (and, less, the ratios): say how busy it was.
         "load_average_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+
+
+# Peak dense bf16 FLOP/s per device (no sparsity), by `device_kind` substring; first match wins.
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+]
+
+
+def peak_flops(override_tflops: float | None = None) -> float | None:
+    """Peak dense bf16 FLOP/s of JAX's first device: `override_tflops`, else `PEAK_BF16_FLOPS`;
+    None on a CPU or an accelerator the table does not know (no MFU then)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if jax.default_backend() == "cpu":
+        return None
+    kind = jax.devices()[0].device_kind.lower()
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key.lower() in kind), None)
