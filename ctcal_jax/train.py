@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import traverse_util
 from ml_collections import config_flags
 
 from conversion import export_lora
@@ -56,21 +57,11 @@ class NonFinite(RuntimeError):
     """A NaN or Inf metric (the run stops; the last good checkpoint stays)."""
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def check_config_json(workdir: Path, config_json: dict[str, Any], resuming: bool) -> None:
     """Write `config.json`, or on resume check it against the saved one (`RESUMABLE_CHANGES` aside)."""
     file = workdir / "config.json"
     if resuming and file.exists():
-        saved, now = _flat(json.loads(file.read_text())), _flat(config_json)
+        saved, now = (traverse_util.flatten_dict(c, sep=".") for c in (json.loads(file.read_text()), config_json))
         changed = sorted(k for k in saved.keys() | now.keys()
                          if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
