@@ -71,20 +71,38 @@ def _dtypes(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 def load(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Pipeline:
     """The pipeline of `config.model.pretrained` with its weights; with `mesh`, every parameter is
     read straight into its sharding by `config.sharding.frozen` (`load_component(mesh=, rules=)`)."""
-    folder = resolve(config.model.pretrained)
-    fam = pipeline_family(folder)
     dtype, compute = _dtypes(config)
     rules = [(str(p), tuple(a)) for p, a in config.sharding.frozen] if mesh is not None else None
+    return load_folder(resolve(config.model.pretrained), dtype, compute_dtype=compute,
+                       with_vae=config.data.kind == "imagefolder", with_t5=config.data.kind != "records",
+                       mesh=mesh, rules=rules)
+
+
+def load_folder(
+    folder: str | Path,
+    dtype: Any = jnp.float32,
+    *,
+    compute_dtype: Any = None,
+    with_vae: bool = True,
+    with_t5: bool = True,
+    mesh: Mesh | None = None,
+    rules: Any = None,
+) -> Pipeline:
+    """A diffusers pipeline folder (SD 1.x/2.x or SD3/3.5) as a `Pipeline`: the denoiser, the text
+    encoders and tokenizers, the VAE (`with_vae`), the scheduler config; `dtype`, `compute_dtype`,
+    `mesh` and `rules` as `load_component` takes them."""
+    folder = Path(folder)
+    fam = pipeline_family(folder)
     where = {"mesh": mesh, "rules": rules}
     name = DENOISER[fam]
-    denoiser, params = load_component(folder, name, dtype, compute_dtype=compute, **where)
-    encoders, text_params = load_encoders(folder, dtype, compute_dtype=compute, with_t5=config.data.kind != "records",
-                                          **where)
+    denoiser, params = load_component(folder, name, dtype, compute_dtype=compute_dtype, **where)
+    encoders, text_params = load_encoders(folder, dtype, compute_dtype=compute_dtype, with_t5=with_t5, **where)
     frozen = {name: params, **text_params}
     vae = None
-    if config.data.kind == "imagefolder":
-        vae, frozen["vae"] = load_component(folder, "vae", dtype, compute_dtype=compute, **where)
-    return Pipeline(fam, denoiser, encoders, frozen, _scheduler(folder), vae, source=str(folder))
+    if with_vae:
+        vae, frozen["vae"] = load_component(folder, "vae", dtype, compute_dtype=compute_dtype, **where)
+    size = files.read_json(files.component_dir(folder, name) / "config.json").get("sample_size")
+    return Pipeline(fam, denoiser, encoders, frozen, _scheduler(folder), vae, source=str(folder), latent_size=size)
 
 
 def _scheduler(folder: Path) -> dict[str, Any]:

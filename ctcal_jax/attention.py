@@ -62,6 +62,7 @@ class TACA:
 
     Image-query × text-key logits are multiplied by `gamma` (after the 1/√D scaling) for samples
     whose timestep is at least `t_threshold` (scheduler units, 0..1000); all other logits unchanged.
+    `gamma` may also be a `[B]` array, one γ0 per sample (the sampler's conditional-only TACA).
     """
 
     gamma: float = 1.2
@@ -70,7 +71,7 @@ class TACA:
     def scales(self, timesteps: jax.Array) -> jax.Array:
         """Per-sample logit multiplier γ(t): `[B]` float32."""
         t = jnp.asarray(timesteps, jnp.float32)
-        return jnp.where(t >= self.t_threshold, jnp.float32(self.gamma), jnp.float32(1.0))
+        return jnp.where(t >= self.t_threshold, jnp.asarray(self.gamma, jnp.float32), jnp.float32(1.0))
 
 
 def _scale(q: jax.Array, scale: float | None) -> float:

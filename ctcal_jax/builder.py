@@ -47,6 +47,7 @@ class Pipeline:
       scheduler: the folder's `scheduler/scheduler_config.json` (betas, prediction type, shift).
       vae: the VAE module when batches carry images (its params under `params["vae"]`).
       source: where the models came from (a folder), for messages and logs.
+      latent_size: the denoiser's `sample_size` (latent side of its default resolution), when known.
     """
 
     family: Literal["sd2", "sd3"]
@@ -56,6 +57,7 @@ class Pipeline:
     scheduler: dict[str, Any]
     vae: nn.Module | None = None
     source: str = ""
+    latent_size: int | None = None
 
     @property
     def denoiser_name(self) -> str:

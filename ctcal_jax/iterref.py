@@ -21,6 +21,7 @@ Losses: `L_CN = max_g max(0, 1 − max_{x,y} A_g)`, `L_IoU` = mean over subject 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -131,6 +132,39 @@ def subject_loss(
     return losses(subject, weights.sum(-1) > 0, loss)
 
 
+def batch_loss(
+    attn: jax.Array,
+    token_groups: TokenGroups,
+    token_mask: jax.Array | None = None,
+    *,
+    loss: str = "cn+iou",
+    kernel_size: int = 3,
+    sigma: float = 0.5,
+    scale: float = 100.0,
+    streams: Sequence[tuple[int, int]] | None = None,
+) -> jax.Array:
+    """`Σ_b` of each sample's subject loss, raw maps `attn` `[B, H, W, T]` -> scalar.
+
+    `token_groups`: list (same subjects for every sample), `[G, T]` or `[B, G, T]` weights;
+    `token_mask`: None, `[T]` or `[B, T]`. `streams`: `[start, end)` token ranges processed
+    separately and averaged (SD3: `((0, 77), (77, 77 + 256))` for CLIP and T5, SPEC §6); None is
+    one stream over all of T. Weights and mask index the whole token axis.
+    """
+    _check_loss(loss)
+    b, seq_len = attn.shape[0], attn.shape[-1]
+    weights = group_array(token_groups, seq_len)
+    weights = jnp.broadcast_to(weights, (b,) + weights.shape[-2:])  # [B, G, T]
+    mask = default_token_mask(seq_len) if token_mask is None else jnp.asarray(token_mask, bool)
+    mask = jnp.broadcast_to(mask, (b, seq_len))
+
+    def one(a, w, m):
+        return losses(subject_maps(a, w, m, kernel_size, sigma, scale), w.sum(-1) > 0, loss)
+
+    spans = ((0, seq_len),) if streams is None else tuple(streams)
+    per_stream = [jax.vmap(one)(attn[..., s:e], weights[..., s:e], mask[..., s:e]) for s, e in spans]
+    return (sum(per_stream) / len(per_stream)).sum()
+
+
 def refine(
     denoise_fn: DenoiseFn,
     z: jax.Array,
@@ -138,39 +172,31 @@ def refine(
     token_groups: TokenGroups,
     *,
     n_iters: int = 50,
-    lr: float,
+    lr: float | jax.Array,
     loss: str = "cn+iou",
     eps: float = 1e-3,
     token_mask: jax.Array | None = None,
     kernel_size: int = 3,
     sigma: float = 0.5,
     scale: float = 100.0,
+    streams: Sequence[tuple[int, int]] | None = None,
 ) -> jax.Array:
     """`n_iters` Adam updates (`optax.adam(lr, eps=eps)`) of the latent `z` `[B, h, w, C]` on
-    `Σ_b subject_loss(aux["attn"][b], ...)`, where `denoise_fn(z, t) -> (pred, aux)` is the
+    `batch_loss(aux["attn"], ...)`, where `denoise_fn(z, t) -> (pred, aux)` is the
     conditional-only forward at the step's timestep `t` (SPEC §6); returns the refined `z` (its dtype).
 
-    `token_groups`: list (same subjects for every sample), `[G, T]` or `[B, G, T]` weights;
-    `token_mask`: None, `[T]` or `[B, T]`. The optimisation runs on a float32 copy of `z` inside
-    `jax.lax.fori_loop`; jittable with `denoise_fn` and `loss` static (lists of groups closed over,
-    or passed as arrays). `lr` has no default: the paper's are not public (SPEC §6).
+    `token_groups`, `token_mask` and `streams` as `batch_loss` takes them. The optimisation runs on
+    a float32 copy of `z` inside `jax.lax.fori_loop`; jittable with `denoise_fn` and `loss` static
+    (lists of groups closed over, or passed as arrays; `lr` may be traced). `lr` has no default:
+    the paper's are not public (SPEC §6).
     """
     _check_loss(loss)
     dtype = z.dtype
 
     def objective(z32: jax.Array) -> jax.Array:
         _, aux = denoise_fn(z32.astype(dtype), t)
-        attn = aux["attn"]  # [B, H, W, T]
-        b, seq_len = attn.shape[0], attn.shape[-1]
-        weights = group_array(token_groups, seq_len)
-        weights = jnp.broadcast_to(weights, (b,) + weights.shape[-2:])  # [B, G, T]
-        mask = default_token_mask(seq_len) if token_mask is None else jnp.asarray(token_mask, bool)
-        mask = jnp.broadcast_to(mask, (b, seq_len))
-
-        def one(a, w, m):
-            return losses(subject_maps(a, w, m, kernel_size, sigma, scale), w.sum(-1) > 0, loss)
-
-        return jax.vmap(one)(attn, weights, mask).sum()
+        return batch_loss(aux["attn"], token_groups, token_mask, loss=loss, kernel_size=kernel_size,
+                          sigma=sigma, scale=scale, streams=streams)
 
     opt = optax.adam(lr, eps=eps)
     grad_fn = jax.grad(objective)
@@ -183,3 +209,46 @@ def refine(
     z32 = z.astype(jnp.float32)
     z32, _ = jax.lax.fori_loop(0, n_iters, body, (z32, opt.init(z32)))
     return z32.astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class IterRef:
+    """IterRef inside a sampling loop (`sampling.generate(iterref=...)`, SPEC §6).
+
+    Attributes:
+      step: the step index k (0-based, before that step's update) at which to refine.
+      lr: Adam's learning rate (no default: the paper's are not public; pick it with the sweep).
+      n_iters: Adam updates (50).
+      subjects: per prompt, the subject words (or `(start, end)` character spans); None finds them
+        with `tagger` (nouns, SPEC §5). Mapped to token groups with `nouns.noun_token_groups`.
+      tagger: "stanza" or a callable, as `nouns.noun_token_groups` takes it.
+      loss: "cn", "iou" or "cn+iou".
+      eps: Adam's ε (1e-3).
+      resolution: UNet map side to capture; None = the latent side / 4 (16×16 at SD 1.x's 64×64).
+      kernel_size, sigma: Gaussian smoothing (None: 3 for the UNet, 5 for MM-DiT; σ = 0.5).
+      gsn_steps: optional `(start, end)` step-index range of GSN guidance ("Ours+"): one plain
+        gradient step `z -= gsn_lr · ∇L` at each of those steps, after the refinement.
+      gsn_lr: that step's size.
+    """
+
+    step: int
+    lr: float
+    n_iters: int = 50
+    subjects: Sequence[Sequence[Any]] | None = None
+    tagger: Any = "stanza"
+    loss: str = "cn+iou"
+    eps: float = 1e-3
+    resolution: int | None = None
+    kernel_size: int | None = None
+    sigma: float = 0.5
+    gsn_steps: tuple[int, int] | None = None
+    gsn_lr: float = 0.0
+
+    def __post_init__(self):
+        _check_loss(self.loss)
+        if self.n_iters < 0:
+            raise ValueError(f"IterRef(n_iters={self.n_iters}): expected >= 0")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise ValueError(f"IterRef(lr={self.lr}): expected a positive finite learning rate")
+        if self.gsn_steps is not None and (len(self.gsn_steps) != 2 or self.gsn_steps[0] > self.gsn_steps[1]):
+            raise ValueError(f"IterRef(gsn_steps={self.gsn_steps}): expected (start, end) with start <= end")

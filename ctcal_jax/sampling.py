@@ -1,0 +1,404 @@
+"""Text-to-image sampling: a diffusers pipeline folder in, latents and images out, as diffusers'
+`StableDiffusionPipeline` / `StableDiffusion3Pipeline` compute them.
+
+Axes: B prompts, N inference steps, h, w, C latent, H, W image, T text tokens.
+
+`generate` runs one jitted program per pipeline and setting: prompt encoding, the whole denoising
+loop as one `lax.scan` (classifier-free guidance, TACA, a per-sample LoRA gate, IterRef and GSN
+guidance at their steps), and VAE decoding. Everything that varies between calls without changing
+shapes (prompts' tokens, seeds, guidance scale, TACA's γ0 and threshold, IterRef's step index and
+learning rate) is an argument of that program, so sweeping over them compiles once.
+
+- Prompts and the empty negative prompt are tokenized and encoded as the pipelines do (`text`).
+- CFG: the batch is `[negative, conditional]`, `out = u + g · (c − u)`, only when `g > 1`.
+- TACA (`taca=TACA(γ0, t_thresh)`, MM-DiT only): γ(t) per SPEC §4 in every joint attention, on both
+  CFG halves (`taca_cond_only=True`: the conditional half only). With a LoRA, the denoiser's
+  adapters are gated per sample to be active exactly while TACA is (`lora_with_taca`).
+- IterRef (`iterref=IterRef(step=k, lr=...)`): at step k, before the update, Adam on the latent
+  through a conditional-only forward with captured maps (SPEC §6), inside the loop (`lax.cond`).
+- Seeds: sample b's initial noise is `normal(fold_in(key(seed_b), 0))` and DDPM's noise at step i
+  `normal(fold_in(fold_in(key(seed_b), 1), i))`: a sample does not change with the batch it is in.
+
+`load_pipeline` is the one function here that reads files (through `conversion`); everything else
+takes loaded models, so the tests drive it with tiny random pipelines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctcal_jax import iterref as iterref_lib
+from ctcal_jax import lora as lora_lib
+from ctcal_jax import nouns, samplers, text
+from ctcal_jax.attention import TACA, AttnCapture
+from ctcal_jax.builder import Pipeline
+from ctcal_jax.models.vae import unscale_latents
+
+DEFAULT_SCHEDULER = {"sd2": "ddim", "sd3": "flow_euler"}
+KINDS = {"sd2": ("ddim", "ddpm", "euler"), "sd3": ("flow_euler",)}
+
+
+def load_pipeline(path: str | Path, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
+                  with_t5: bool = True) -> Pipeline:
+    """A diffusers folder (SD 1.x/2.x, SD3/3.5), a hub id in the local cache, or `builtin:tiny-sd2`
+    / `builtin:tiny-sd3`, with its VAE, ready for `generate`. `with_t5=False` leaves SD3's T5 out
+    (its stream is then zeros, as a pipeline saved without T5)."""
+    from conversion.pipeline import load_folder, resolve  # reads files: see the module docstring
+
+    return load_folder(resolve(str(path)), dtype, compute_dtype=compute_dtype, with_vae=True, with_t5=with_t5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What one compiled program is specialised to (everything else is an argument)."""
+
+    plan: tuple[Any, ...]
+    cfg: bool
+    taca: bool
+    taca_cond_only: bool
+    lora_gated: bool
+    iterref: tuple[Any, ...] | None
+    capture: AttnCapture | None
+    decode: bool
+    trajectory: bool
+    attn: bool
+
+
+# pipeline -> {static -> jitted program}; weak, so dropping a pipeline frees its programs.
+_PROGRAMS: weakref.WeakKeyDictionary[Pipeline, dict[_Static, Any]] = weakref.WeakKeyDictionary()
+
+
+def generate(
+    pipe: Pipeline,
+    prompts: str | Sequence[str],
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    scheduler: str | None = None,
+    seed: int | Sequence[int] = 0,
+    latents: Any = None,
+    negative_prompts: str | Sequence[str] | None = None,
+    taca: TACA | None = None,
+    iterref: iterref_lib.IterRef | None = None,
+    lora: Mapping[str, Any] | str | Path | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    taca_cond_only: bool = False,
+    lora_with_taca: bool = True,
+    decode: bool = True,
+    return_trajectory: bool = False,
+    return_attn: bool = False,
+    step_noise: Any = None,
+) -> dict[str, Any]:
+    """Sample `len(prompts)` images (module docstring).
+
+    Args:
+      pipe: `load_pipeline(...)` (or any `builder.Pipeline` with a VAE).
+      scheduler: "ddim" | "ddpm" | "euler" (SD 1.x/2.x; default "ddim") or "flow_euler" (SD3);
+        its settings come from `pipe.scheduler` (the folder's `scheduler_config.json`).
+      seed: one int (sample b uses `seed + b`) or one per prompt.
+      latents: initial latents `[B, h, w, C]` as diffusers' `latents=` (SD: scaled by the
+        scheduler's `init_noise_sigma`, as the pipeline does).
+      negative_prompts: CFG's negative prompts (default the empty prompt).
+      lora: `{component: LoRA tree}` (`lora.init` / `conversion.import_lora`), or a LoRA file or
+        folder (diffusers/peft or kohya), applied unmerged.
+      height, width: image size (default the denoiser's `sample_size` × the VAE's factor).
+      taca_cond_only: TACA on the conditional CFG half only.
+      lora_with_taca: with `taca`, the denoiser's LoRA is active exactly while TACA is (SPEC §4);
+        False keeps it on at every step.
+      decode: decode images with the VAE (False: latents only).
+      return_trajectory: also return the latents after every step.
+      return_attn: also return the conditional half's image→text maps averaged over all steps.
+      step_noise: DDPM's per-step noise `[N, B, h, w, C]` instead of the seeded draws.
+
+    Returns a dict: `latents` `[B, h, w, C]` float32 (diffusers' `output_type="latent"`), `images`
+    `[B, H, W, 3]` float32 in [0, 1] (with `decode`), `timesteps` `[N]`, and with the options
+    `trajectory` `[N, B, h, w, C]` and `attn` `[B, h', w', T]`.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    batch = len(prompts)
+    if batch == 0:
+        raise ValueError("prompts is empty")
+    kind = scheduler or DEFAULT_SCHEDULER[pipe.family]
+    if kind not in KINDS[pipe.family]:
+        raise ValueError(f"scheduler={kind!r} does not apply to a {pipe.family} pipeline ({pipe.source}); "
+                         f"expected one of {KINDS[pipe.family]}")
+    if taca is not None and pipe.family != "sd3":
+        raise ValueError("taca applies to MM-DiT joint attention (SD3/3.5 pipelines), not to a UNet")
+    if decode and pipe.vae is None:
+        raise ValueError(f"the pipeline from {pipe.source!r} has no VAE: load it with sampling.load_pipeline, "
+                         "or pass decode=False")
+    h, w = _latent_size(pipe, height, width)
+    channels = pipe.denoiser.out_channels
+    seq = (h // pipe.denoiser.patch_size) * (w // pipe.denoiser.patch_size) if pipe.family == "sd3" else None
+    plan = samplers.plan(kind, pipe.scheduler, num_inference_steps, image_seq_len=seq)
+    seeds = _seeds(seed, batch)
+    if latents is None:
+        x_init = initial_noise(seeds, (h, w, channels))
+    else:
+        x_init = _check_array("latents", latents, (batch, h, w, channels))
+    if step_noise is not None:
+        if not plan.stochastic:
+            raise ValueError(f"step_noise is only used by the ddpm scheduler, not {kind!r}")
+        step_noise = _check_array("step_noise", step_noise, (plan.num_steps, batch, h, w, channels))
+    negatives = _negatives(negative_prompts, batch)
+    tokens = {c: jnp.asarray(t["input_ids"]) for c, t in text.tokenize_prompts(pipe.encoders, prompts).items()}
+    neg_tokens = {c: jnp.asarray(t["input_ids"]) for c, t in text.tokenize_prompts(pipe.encoders, negatives).items()}
+    adapters = _loras(pipe, lora)
+    ir_static, ir_args = _iterref_inputs(pipe, prompts, iterref, plan.num_steps, h)
+    capture = _capture(pipe, iterref, h) if (iterref is not None or return_attn) else None
+    static = _Static(plan.static(), guidance_scale > 1, taca is not None, taca_cond_only,
+                     taca is not None and lora_with_taca and pipe.denoiser_name in adapters, ir_static, capture,
+                     decode, return_trajectory, return_attn)
+    programs = _PROGRAMS.setdefault(pipe, {})
+    if static not in programs:
+        programs[static] = _make_program(pipe.family, pipe.denoiser, pipe.encoders, pipe.vae, static)
+    dynamic = {
+        "guidance": jnp.float32(guidance_scale),
+        "taca": jnp.asarray([taca.gamma, taca.t_threshold] if taca else [1.0, 0.0], jnp.float32),
+        "timesteps": jnp.asarray(plan.timesteps),
+        "tables": {k: jnp.asarray(v) for k, v in plan.tables.items()},
+        "init_sigma": jnp.float32(plan.init_noise_sigma),
+        "seeds": jnp.asarray(seeds, jnp.uint32),
+        "iterref": ir_args,
+    }
+    out = programs[static](pipe.params, adapters, tokens, neg_tokens, x_init, step_noise, dynamic)
+    out["timesteps"] = plan.timesteps
+    return out
+
+
+def _latent_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
+    factor = 2 ** (len(pipe.vae.block_out_channels) - 1) if pipe.vae is not None else 8
+    default = None if pipe.latent_size is None else pipe.latent_size * factor
+    sizes = []
+    for name, value in (("height", height), ("width", width)):
+        value = default if value is None else value
+        if value is None:
+            raise ValueError(f"{name} is needed: the pipeline from {pipe.source!r} has no sample_size")
+        if value <= 0 or value % factor:
+            raise ValueError(f"{name}={value}: expected a positive multiple of the VAE's factor {factor}")
+        sizes.append(value // factor)
+    return sizes[0], sizes[1]
+
+
+def _seeds(seed: int | Sequence[int], batch: int) -> np.ndarray:
+    if isinstance(seed, (int, np.integer)):
+        return (np.int64(seed) + np.arange(batch)).astype(np.uint32)
+    seeds = np.asarray(list(seed), np.int64)
+    if seeds.shape != (batch,):
+        raise ValueError(f"seed: expected one int or {batch} (one per prompt), got {seeds.shape[0]}")
+    return seeds.astype(np.uint32)
+
+
+def initial_noise(seeds: Any, shape: tuple[int, ...]) -> jax.Array:
+    """Sample b's initial noise `normal(fold_in(key(seeds[b]), 0), shape)`: `[B, *shape]` float32."""
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape))(keys)
+
+
+def _negatives(negative_prompts: str | Sequence[str] | None, batch: int) -> list[str]:
+    if negative_prompts is None:
+        return [""] * batch
+    negatives = [negative_prompts] * batch if isinstance(negative_prompts, str) else list(negative_prompts)
+    if len(negatives) != batch:
+        raise ValueError(f"negative_prompts: expected {batch} (one per prompt), got {len(negatives)}")
+    return negatives
+
+
+def _check_array(name: str, value: Any, shape: tuple[int, ...]) -> jax.Array:
+    value = jnp.asarray(value, jnp.float32)
+    if value.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape} (NHWC latents), got {value.shape}")
+    return value
+
+
+def _loras(pipe: Pipeline, lora: Mapping[str, Any] | str | Path | None) -> dict[str, Any]:
+    """`lora` as `{component: tree}`, every adapter checked against the pipeline's params."""
+    if lora is None:
+        return {}
+    if isinstance(lora, (str, Path)):
+        from conversion import import_lora  # reads files: see the module docstring
+
+        lora = import_lora(lora, params=pipe.params)
+    out = {}
+    for component, tree in lora.items():
+        if component not in pipe.params or component == "vae":
+            raise ValueError(f"lora has adapters for {component!r}, which the pipeline from {pipe.source!r} "
+                             f"does not have (it has {sorted(c for c in pipe.params if c != 'vae')})")
+        lora_lib.check(pipe.params[component], tree, what=f"the LoRA for {component}")
+        out[component] = tree
+    return out
+
+
+def _capture(pipe: Pipeline, iterref: iterref_lib.IterRef | None, h: int) -> AttnCapture:
+    if pipe.family == "sd3":
+        return AttnCapture(blocks=None)
+    resolution = iterref.resolution if iterref is not None and iterref.resolution else max(h // 4, 1)
+    return AttnCapture(resolutions=(resolution,))
+
+
+def _streams(pipe: Pipeline) -> list[tuple[str, int]]:
+    """`(tokenizer component, tokens)` of each text stream on the denoiser's token axis, in order."""
+    lengths = pipe.encoders.max_lengths
+    if pipe.family == "sd2":
+        return [("text_encoder", lengths["text_encoder"])]
+    streams = [("text_encoder", lengths["text_encoder"])]
+    if "text_encoder_3" in pipe.encoders.tokenizers:
+        streams.append(("text_encoder_3", lengths["text_encoder_3"]))
+    return streams
+
+
+def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[Sequence[Any]] | None = None,
+                    tagger: Any = "stanza") -> tuple[np.ndarray, np.ndarray]:
+    """Each prompt's subjects on the denoiser's whole token axis: `([B, G, T] sub-token-mean weights,
+    [B, T] real-token mask)`, from `subjects` (words or spans per prompt) or the tagger."""
+    if subjects is not None and len(subjects) != len(prompts):
+        raise ValueError(f"iterref subjects: expected one list per prompt ({len(prompts)}), got {len(subjects)}")
+    per_stream = []
+    for component, length in _streams(pipe):
+        tok = pipe.encoders.tokenizers[component]
+        groups = [nouns.noun_token_groups(p, tok, tagger, given=None if subjects is None else subjects[b],
+                                          max_length=length) for b, p in enumerate(prompts)]
+        masks = np.stack([nouns.real_token_mask(p, tok, length) for p in prompts])
+        per_stream.append((groups, masks, length))
+    g = max(1, max(len(gr) for groups, _, _ in per_stream for gr in groups))
+    weights = np.concatenate([np.stack([nouns.group_weights(gr, g, length) for gr in groups])
+                              for groups, _, length in per_stream], axis=-1)
+    masks = np.concatenate([m for _, m, _ in per_stream], axis=-1)
+    total = pipe.encoders.max_lengths["text_encoder"] + (
+        pipe.encoders.max_lengths.get("text_encoder_3", 0) if pipe.family == "sd3" else 0)
+    pad = total - weights.shape[-1]  # SD3 without T5: the zero T5 stream takes no part
+    return (np.pad(weights, ((0, 0), (0, 0), (0, pad))), np.pad(masks, ((0, 0), (0, pad))))
+
+
+def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.IterRef | None, n_steps: int, h: int
+                    ) -> tuple[tuple[Any, ...] | None, dict[str, jax.Array]]:
+    if ir is None:
+        return None, {}
+    if not 0 <= ir.step < n_steps:
+        raise ValueError(f"IterRef(step={ir.step}): expected a step index in 0..{n_steps - 1}")
+    weights, mask = subject_weights(pipe, prompts, ir.subjects, ir.tagger)
+    kernel = ir.kernel_size or (5 if pipe.family == "sd3" else 3)
+    spans, start = [], 0
+    for _, length in _streams(pipe):
+        spans.append((start, start + length))
+        start += length
+    gsn = ir.gsn_steps or (0, 0)
+    static = (ir.n_iters, ir.loss, ir.eps, kernel, ir.sigma, tuple(spans), ir.gsn_steps is not None)
+    args = {"step": jnp.int32(ir.step), "lr": jnp.float32(ir.lr), "weights": jnp.asarray(weights),
+            "mask": jnp.asarray(mask), "gsn": jnp.asarray(gsn, jnp.int32), "gsn_lr": jnp.float32(ir.gsn_lr)}
+    return static, args
+
+
+def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae: Any, s: _Static) -> Any:
+    """The jitted sampling program for one setting (closes over modules only, never the pipeline)."""
+    p = samplers.Plan(*s.plan[:2], np.zeros(0, np.float32), 1.0, {}, *s.plan[2:])
+    name = "unet" if family == "sd2" else "transformer"
+
+    def denoise(params, adapters, x, t, cond, taca, gate, capture):
+        variables = {"params": params[name]}
+        if name in adapters:
+            variables["lora"] = adapters[name] if gate is None else lora_lib.gated(adapters[name], gate)
+        tb = jnp.full((x.shape[0],), t, jnp.float32)
+        if family == "sd2":
+            return denoiser.apply(variables, x, tb, cond["prompt_embeds"], capture=capture)
+        return denoiser.apply(variables, x, tb, cond["prompt_embeds"], cond["pooled_prompt_embeds"],
+                              capture=capture, taca=taca)
+
+    def run(params, adapters, tokens, neg_tokens, x_init, step_noise, d):
+        text_lora = {c: t for c, t in adapters.items() if c != name} or None
+        cond = text.encode_prompts(encoders, params, tokens, lora=text_lora)
+        batch = d["seeds"].shape[0]
+        keys = jax.vmap(jax.random.key)(d["seeds"])
+        x = x_init * d["init_sigma"]
+        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), text.encode_prompts(
+            encoders, params, neg_tokens, lora=text_lora), cond) if s.cfg else cond
+        gamma0, threshold = d["taca"][0], d["taca"][1]
+        rows = 2 * batch if s.cfg else batch
+        is_cond = jnp.arange(rows) >= (rows - batch)
+
+        def conditioning(t, cond_rows):
+            """TACA and the LoRA gate for a batch whose rows `cond_rows` are conditional."""
+            if not s.taca:
+                return None, None
+            on = (t >= threshold) & (cond_rows if s.taca_cond_only else True)
+            gamma = jnp.where(cond_rows if s.taca_cond_only else True, gamma0, 1.0) * jnp.ones(cond_rows.shape)
+            gate = on.astype(jnp.float32) if s.lora_gated else None
+            return TACA(gamma=gamma, t_threshold=threshold), gate
+
+        def cond_forward(z, t, tab):
+            """The conditional-only forward with captured maps (IterRef)."""
+            taca, gate = conditioning(t, jnp.ones(batch, bool))
+            return denoise(params, adapters, samplers.scale_model_input(p, z, tab), t, cond, taca, gate, s.capture)
+
+        def subject_objective(z, t, tab):
+            n_iters, loss, eps, kernel, sigma, spans, _ = s.iterref
+            _, aux = cond_forward(z, t, tab)
+            return iterref_lib.batch_loss(aux["attn"], d["iterref"]["weights"], d["iterref"]["mask"], loss=loss,
+                                          kernel_size=kernel, sigma=sigma, streams=spans)
+
+        def refine(z, t, tab):
+            n_iters, loss, eps, kernel, sigma, spans, _ = s.iterref
+            ir = d["iterref"]
+            return iterref_lib.refine(lambda zz, tt: cond_forward(zz, tt, tab), z, t, ir["weights"], n_iters=n_iters,
+                                      lr=ir["lr"], loss=loss, eps=eps, token_mask=ir["mask"], kernel_size=kernel,
+                                      sigma=sigma, streams=spans)
+
+        def body(carry, xs):
+            x, attn_sum = carry
+            i, t, tab, noise = xs
+            if s.iterref is not None:
+                ir = d["iterref"]
+                x = jax.lax.cond(i == ir["step"], lambda z: refine(z, t, tab), lambda z: z, x)
+                if s.iterref[-1]:
+                    in_range = (i >= ir["gsn"][0]) & (i < ir["gsn"][1])
+                    x = jax.lax.cond(in_range, lambda z: z - ir["gsn_lr"] * jax.grad(subject_objective)(z, t, tab),
+                                     lambda z: z, x)
+            x_in = samplers.scale_model_input(p, x, tab)
+            model_in = jnp.concatenate([x_in, x_in]) if s.cfg else x_in
+            taca, gate = conditioning(t, is_cond)
+            pred, aux = denoise(params, adapters, model_in, t, both, taca, gate, s.capture if s.attn else None)
+            if s.cfg:
+                uncond, cond_pred = jnp.split(pred, 2)
+                pred = uncond + d["guidance"] * (cond_pred - uncond)
+            x = samplers.update(p, x, pred, tab, noise)
+            if s.attn:
+                attn_sum = attn_sum + aux["attn"][rows - batch:].astype(jnp.float32)
+            return (x, attn_sum), (x if s.trajectory else None)
+
+        n = d["timesteps"].shape[0]
+        if p.stochastic:
+            if step_noise is None:
+                step_keys = jax.vmap(lambda k: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(k, 1), i))(
+                    jnp.arange(n)))(keys)  # [B, N]
+                noise = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, x.shape[1:])))(step_keys).swapaxes(0, 1)
+            else:
+                noise = step_noise
+        else:
+            noise = None
+        attn0 = None
+        if s.attn:
+            shape = jax.eval_shape(lambda z: denoise(params, adapters, z, d["timesteps"][0], cond, None, None,
+                                                     s.capture)[1]["attn"], x)
+            attn0 = jnp.zeros(shape.shape, jnp.float32)
+        xs = (jnp.arange(n), d["timesteps"], d["tables"], noise)
+        (x, attn_sum), trajectory = jax.lax.scan(body, (x, attn0), xs)
+        out = {"latents": x.astype(jnp.float32)}
+        if s.trajectory:
+            out["trajectory"] = trajectory.astype(jnp.float32)
+        if s.attn:
+            out["attn"] = attn_sum / n
+        if s.decode:
+            images = vae.apply({"params": params["vae"]}, unscale_latents(x, vae), method="decode")
+            out["images"] = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        return out
+
+    return jax.jit(run)
