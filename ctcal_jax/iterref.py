@@ -224,7 +224,8 @@ class IterRef:
       tagger: "stanza" or a callable, as `nouns.noun_token_groups` takes it.
       loss: "cn", "iou" or "cn+iou".
       eps: Adam's ε (1e-3).
-      resolution: UNet map side to capture; None = the latent side / 4 (16×16 at SD 1.x's 64×64).
+      resolution: UNet map side to capture; None = the coarsest down level with cross-attention
+        (16×16 at SD 1.x/2.x's 64×64 latents).
       kernel_size, sigma: Gaussian smoothing (None: 3 for the UNet, 5 for MM-DiT; σ = 0.5).
       gsn_steps: optional `(start, end)` step-index range of GSN guidance ("Ours+"): one plain
         gradient step `z -= gsn_lr · ∇L` at each of those steps, after the refinement.

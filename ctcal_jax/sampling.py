@@ -241,8 +241,12 @@ def _loras(pipe: Pipeline, lora: Mapping[str, Any] | str | Path | None) -> dict[
 def _capture(pipe: Pipeline, iterref: iterref_lib.IterRef | None, h: int) -> AttnCapture:
     if pipe.family == "sd3":
         return AttnCapture(blocks=None)
-    resolution = iterref.resolution if iterref is not None and iterref.resolution else max(h // 4, 1)
-    return AttnCapture(resolutions=(resolution,))
+    if iterref is not None and iterref.resolution:
+        return AttnCapture(resolutions=(iterref.resolution,))
+    # The coarsest down level with cross-attention: 16×16 at SD 1.x/2.x's 64×64 latents
+    # (`down_blocks.2`, `up_blocks.1`, SPEC §6).
+    levels = sum(kind.startswith("CrossAttn") for kind in pipe.denoiser.down_block_types)
+    return AttnCapture(resolutions=(max(h // 2 ** max(levels - 1, 0), 1),))
 
 
 def _streams(pipe: Pipeline) -> list[tuple[str, int]]:
@@ -329,9 +333,9 @@ def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae
             """TACA and the LoRA gate for a batch whose rows `cond_rows` are conditional."""
             if not s.taca:
                 return None, None
-            on = (t >= threshold) & (cond_rows if s.taca_cond_only else True)
-            gamma = jnp.where(cond_rows if s.taca_cond_only else True, gamma0, 1.0) * jnp.ones(cond_rows.shape)
-            gate = on.astype(jnp.float32) if s.lora_gated else None
+            rows = cond_rows if s.taca_cond_only else jnp.ones_like(cond_rows)
+            gamma = jnp.where(rows, gamma0, 1.0)
+            gate = (rows & (t >= threshold)).astype(jnp.float32) if s.lora_gated else None
             return TACA(gamma=gamma, t_threshold=threshold), gate
 
         def cond_forward(z, t, tab):
@@ -369,7 +373,7 @@ def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae
             if s.cfg:
                 uncond, cond_pred = jnp.split(pred, 2)
                 pred = uncond + d["guidance"] * (cond_pred - uncond)
-            x = samplers.update(p, x, pred, tab, noise)
+            x = samplers.update(p, x, pred, tab, noise).astype(jnp.float32)  # latents stay float32
             if s.attn:
                 attn_sum = attn_sum + aux["attn"][rows - batch:].astype(jnp.float32)
             return (x, attn_sum), (x if s.trajectory else None)

@@ -117,6 +117,27 @@ def test_sd3_pipeline_trajectory_equals_diffusers(sd3, dynamic):
     assert_trajectories(ours, steps, final)
 
 
+def test_any_resolution_equals_diffusers(sd2):
+    """A non-square size that is not the model's default (latents 24×40)."""
+    _, ref, pipe = sd2
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(scheduler_config(ref))
+    x = np.random.default_rng(5).standard_normal((1, 24, 40, 4)).astype(np.float32)
+    steps, final = run_diffusers(ref, x, prompt="a long red train", num_inference_steps=3, height=192, width=320)
+    ours = sampling.generate(pipe, "a long red train", num_inference_steps=3, scheduler="euler", latents=x,
+                             height=192, width=320, decode=False, return_trajectory=True)
+    assert_trajectories(ours, steps, final)
+
+
+def test_bf16_pipeline_samples_close_to_fp32():
+    """bf16 weights and compute; latents carried in float32. Loose: bf16 has 8 mantissa bits."""
+    pipe16 = sampling.load_pipeline("builtin:tiny-sd2", dtype=jnp.bfloat16)
+    pipe32 = sampling.load_pipeline("builtin:tiny-sd2")
+    kw = dict(num_inference_steps=3, guidance_scale=3.0, seed=1)
+    a, b = sampling.generate(pipe16, "a cup", **kw), sampling.generate(pipe32, "a cup", **kw)
+    assert a["latents"].dtype == jnp.float32 and a["images"].dtype == jnp.float32
+    assert rel(a["latents"], b["latents"]) < 0.05
+
+
 def test_images_equal_diffusers_decoding(sd2):
     _, ref, pipe = sd2
     ref.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler)
