@@ -256,7 +256,56 @@ def output_check(ours: np.ndarray, theirs: np.ndarray, decode: bool) -> dict[str
             "shape": list(ours.shape)}
 
 
-def run(preset: dict[str, Any], runs: int, warmup: int, decode: bool) -> dict[str, Any]:
+def breakdown(preset: dict[str, Any], ref: Any, pipe: Pipeline, runs: int) -> dict[str, dict[str, float]]:
+    """Where a call's time goes: median seconds of one denoiser forward at the CFG batch (random
+    text features of the pipeline's shapes) and of one VAE decode, per side (jit / inference_mode)."""
+    import torch
+
+    b, h, w, c = latent_shape(preset)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2 * b, h, w, c)).astype(np.float32)
+    t = np.full((2 * b,), 500.0, np.float32)
+    if preset["family"] == "sd2":
+        extra = [rng.standard_normal((2 * b, 77, preset["components"]["unet"]["cross_attention_dim"]))]
+    else:
+        cfg = preset["components"]["transformer"]
+        extra = [rng.standard_normal((2 * b, 77 + 256, cfg["joint_attention_dim"])),
+                 rng.standard_normal((2 * b, cfg["pooled_projection_dim"]))]
+    extra = [e.astype(np.float32) for e in extra]
+    z = x[:b] / pipe.vae.scaling_factor
+    name = pipe.denoiser_name
+    dtype = jax.tree.leaves(pipe.params[name])[0].dtype
+    denoise = jax.jit(lambda p, x, t, *e: pipe.denoiser.apply({"params": p}, x, t, *e)[0])
+    decode = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
+    j = [jnp.asarray(a, dtype) for a in (x, *extra, z)]
+    dev = torch_device()
+
+    def tt(a, nchw=False):
+        return torch.from_numpy(a.transpose(0, 3, 1, 2).copy() if nchw else a).to(dev, ref.dtype)
+
+    ex, zt, tt_ = tt(x, True), tt(z, True), torch.from_numpy(t).to(dev)
+    et = [tt(e) for e in extra]
+    denoiser = getattr(ref, name)
+
+    def torch_call(fn):
+        def call():
+            with torch.inference_mode():
+                fn()
+                torch_sync()
+        return call
+
+    fns = {
+        "jax_denoiser": lambda: jax.block_until_ready(denoise(pipe.params[name], j[0], jnp.asarray(t), *j[1:-1])),
+        "torch_denoiser": torch_call(lambda: denoiser(ex, tt_, *et) if name == "unet"
+                                     else denoiser(ex, et[0], et[1], tt_)),
+        "jax_vae_decode": lambda: jax.block_until_ready(decode(pipe.params["vae"], j[-1])),
+        "torch_vae_decode": torch_call(lambda: ref.vae.decode(zt)),
+    }
+    med = {k: statistics.median(v) for k, v in time_round_robin_all(fns, runs).items()}
+    return {side: {part: med[f"{side}_{part}"] for part in ("denoiser", "vae_decode")} for side in ("jax", "torch")}
+
+
+def run(preset: dict[str, Any], runs: int, warmup: int, decode: bool, parts: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-sampling-") as tmp:
         ref, pipe = build(preset, Path(tmp) / "pipeline")
         run_jax, run_torch = make_runners(preset, ref, pipe, decode)
@@ -265,13 +314,14 @@ def run(preset: dict[str, Any], runs: int, warmup: int, decode: bool) -> dict[st
         first = time.perf_counter() - start
         check = output_check(ours, run_torch(), decode)
         times = time_round_robin_all({"jax": run_jax, "torch": run_torch}, runs, warmup)
+        split = breakdown(preset, ref, pipe, max(runs, 3)) if parts else None
     med = {k: statistics.median(v) for k, v in times.items()}
     b = preset["batch"]
     return {
         "jax_s_per_image": med["jax"] / b, "torch_s_per_image": med["torch"] / b,
         "speedup": med["torch"] / med["jax"], "jax_first_call_s": first,
         "jax_images_per_s": b / med["jax"], "torch_images_per_s": b / med["torch"],
-        "call_times_s": times, "output_check": check,
+        "call_times_s": times, "output_check": check, "breakdown_s": split,
     }
 
 
@@ -317,6 +367,14 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"JAX first call (trace + compile + one run) {r['jax_first_call_s']:.1f} s, not in the times above")
     check = r["output_check"]
     value = check.get("max_abs_diff", check.get("max_abs_rel_diff"))
+    if r.get("breakdown_s"):
+        steps = r["steps"]  # one denoiser forward per step, at the CFG batch (2 × batch rows)
+        for side in ("jax", "torch"):
+            p = r["breakdown_s"][side]
+            call = r[f"{side}_s_per_image"] * r["batch"]
+            rest = call - steps * p["denoiser"] - (p["vae_decode"] if r["vae_decode"] else 0.0)
+            print(f"  {side:5s} per call {call:7.3f} s = {steps} × denoiser {1000 * p['denoiser']:7.1f} ms"
+                  f" + VAE decode {1000 * p['vae_decode']:7.1f} ms + rest {rest:+7.3f} s (text, sampler, loop)")
     print(f"Same inputs, first outputs: {check['what']} {check['shape']}, "
           f"{'max |Δ|' if 'max_abs_diff' in check else 'max-abs relative diff'} {value:.2e}")
 
@@ -340,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, help="sampling steps (default: the preset's)")
     parser.add_argument("--no-decode", dest="decode", action="store_false",
                         help="stop at the final latents on both sides (no VAE decoding)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time one denoiser forward (at the CFG batch) and one VAE decode per side: where "
+                             "a call's time goes")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the configs without weights: PyTorch on the meta device, ctcal_jax traced "
                              "with abstract params (a CPU check of the GPU presets); nothing is timed")
@@ -360,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return write_json(args.json, results)
     results.update({"device": {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
                     "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "runs": runs,
-                    **run(preset, runs, args.warmup, args.decode)})
+                    **run(preset, runs, args.warmup, args.decode, args.breakdown)})
     print_report(results)
     return write_json(args.json, results)
 
