@@ -1,12 +1,14 @@
 """Helpers shared by the benchmark scripts: model configs, PyTorch device handling, weight transfer
 from a PyTorch model to ctcal_jax, the explicit-softmax map processor, timing and the device report.
 
-Nothing here measures by itself; `attention.py` and `ctcal_step.py` do.
+Nothing here measures by itself; `attention.py`, `ctcal_step.py`, `sampling.py` and `iterref.py` do.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import math
 import os
 import platform
 import statistics
@@ -30,10 +32,11 @@ SD3_MEDIUM = {k: v for k, v in known.SD3_MEDIUM.items() if k != "_class_name"}
 
 
 class UNetMapsProcessor:
-    """Cross-attention with the softmax formed explicitly (Attend-and-Excite): head-mean maps
-    `[B, L, T]` appended to `store` (with their autograd graph when gradients are on)."""
+    """Attention with the softmax formed explicitly (Attend-and-Excite): head-mean maps `[B, L, T]`
+    appended to `store` (with their autograd graph when gradients are on); `store=None` records
+    nothing (A&E's processor on the layers whose maps nobody reads)."""
 
-    def __init__(self, store: list):
+    def __init__(self, store: list | None):
         self.store = store
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
@@ -45,7 +48,8 @@ class UNetMapsProcessor:
         k = attn.head_to_batch_dim(attn.to_k(context))
         v = attn.head_to_batch_dim(attn.to_v(context))
         probs = attn.get_attention_scores(q, k, None)  # [B·N, L, T]
-        self.store.append(probs.reshape(b, attn.heads, length, -1).mean(1))
+        if self.store is not None:
+            self.store.append(probs.reshape(b, attn.heads, length, -1).mean(1))
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -75,6 +79,67 @@ def torch_sync():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def unit_scale_init(model, seed: int):
+    """Random weights at a trained model's scale (as `tests/step_setup.random_params`): fan-in-scaled
+    kernels, norm scales near 1, small biases, unit embeddings. Attention maps then have structure,
+    so the checks exercise every term; the timing does not depend on it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(p):
+        return torch.randn(p.shape, generator=gen, dtype=p.dtype)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.weight.copy_(normal(m.weight) / math.sqrt(m.weight[0].numel()))
+            elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(1.0 + 0.1 * normal(m.weight))
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.copy_(normal(m.weight))
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.copy_(0.1 * normal(m.bias))
+    return model
+
+
+def class_name(config: dict[str, Any]) -> str:
+    """The diffusers (`_class_name`) or transformers (`architectures[0]`) class of a config.json dict."""
+    return config.get("_class_name") or config["architectures"][0]
+
+
+def torch_model(config: dict[str, Any], seed: int = 0, meta: bool = False):
+    """The diffusers/transformers model of a config.json dict (its class named in it), fp32 on the
+    CPU with `unit_scale_init` weights; `meta=True` builds it on the meta device (shapes only)."""
+    import diffusers
+    import torch
+    import transformers
+
+    cls = class_name(config)
+    kwargs = {k: v for k, v in config.items() if k not in ("_class_name", "architectures")}
+    with torch.device("meta" if meta else "cpu"):
+        if cls.startswith("CLIP"):
+            model = getattr(transformers, cls)(transformers.CLIPTextConfig(**kwargs))
+        else:
+            model = getattr(diffusers, cls)(**kwargs)
+    return model.eval() if meta else unit_scale_init(model.eval(), seed)
+
+
+def abstract_model(config: dict[str, Any], dtype: Any) -> tuple[Any, Any]:
+    """The Flax module of a config.json dict and its params as `jax.ShapeDtypeStruct`s in `dtype`
+    (nothing allocated): the conversion family `conversion.load` picks for the class."""
+    from conversion.load import family
+
+    fam = family(class_name(config), "benchmark config")
+    module = fam.build(config, dtype=dtype)
+    shapes = fam.abstract_params(module, config)
+    return module, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+
+
+def count_params(tree: Any) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -123,6 +188,14 @@ def time_round_robin_all(fns: dict[str, Callable[[], Any]], runs: int, warmup: i
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def write_json(path: Path | None, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` to `path` (when given); returns them."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+    return results
 
 
 def describe_device() -> dict[str, Any]:

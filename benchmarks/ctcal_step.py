@@ -79,7 +79,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import math
 import os
 import resource
@@ -107,7 +106,7 @@ import torch  # noqa: E402
 
 import step_setup  # noqa: E402  (tests/step_setup.py)
 from benchmarks.common import (  # noqa: E402
-    SD3_MEDIUM, SD21_UNET, describe_device, peak_flops, time_round_robin_all, torch_device,
+    SD3_MEDIUM, SD21_UNET, describe_device, peak_flops, time_round_robin_all, torch_device, write_json,
 )
 from benchmarks.ctcal_torch import (  # noqa: E402
     ADAM, DENOISER, LORA_ALPHA, LORA_B_SCALE, LORA_RANK, PREDICTION_TYPE, SD3_SHIFT, TEXT_ENCODERS, TEXT_LORA_TARGETS,
@@ -458,14 +457,6 @@ def print_compile_row(r: dict[str, Any], header: bool) -> None:
           f"{r['generated_code_bytes'] / 2 ** 20:8.1f} {r['kept_for_backward_bytes'] / gib:9.3f} "
           f"{_fmt(r['compiled_flops'] and r['compiled_flops'] / 1e12, '7.2f')} {r['peak_rss_bytes'] / gib:12.2f}",
           flush=True)
-
-
-def write_json(path: Path | None, results: dict[str, Any]) -> dict[str, Any]:
-    """`results` to `path` (when given); returns them."""
-    if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=2, default=str))
-    return results
 
 
 # -------------------------------------------------------------------------------------------------- main

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tiny import JointProbsProcessor  # tests/tiny.py: SD3 joint attention, explicit softmax
 from benchmarks.common import (
     UNetMapsProcessor, captured_unet_layers, jax_params, to_torch_device, torch_device, torch_sync,
+    unit_scale_init,
 )
 from ctcal_jax import ctcal, lora, schedules
 from ctcal_jax.paths import join_path
@@ -351,27 +352,6 @@ def loss_check(family: str, ae_params: Any, ae: TorchMapAutoencoder, batch: dict
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-
-def unit_scale_init(model, seed: int):
-    """Random weights at a trained model's scale (as `tests/step_setup.random_params`): fan-in-scaled
-    kernels, norm scales near 1, small biases, unit embeddings. Attention maps then have structure,
-    so every CTCAL term of the step-0 check is exercised; the timing does not depend on it."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def normal(p):
-        return torch.randn(p.shape, generator=gen, dtype=p.dtype)
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-                m.weight.copy_(normal(m.weight) / math.sqrt(m.weight[0].numel()))
-            elif isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and m.weight is not None:
-                m.weight.copy_(1.0 + 0.1 * normal(m.weight))
-            elif isinstance(m, torch.nn.Embedding):
-                m.weight.copy_(normal(m.weight))
-            if isinstance(getattr(m, "bias", None), torch.Tensor):
-                m.bias.copy_(0.1 * normal(m.bias))
-    return model
 
 
 def components(preset: dict[str, Any]) -> dict[str, tuple[str, str, dict[str, Any]]]:
