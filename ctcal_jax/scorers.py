@@ -2,7 +2,7 @@
 processed subject maps that the sampler's overlays draw.
 
 A scorer is `scorer(images, prompts) -> scores`: images `[B, H, W, 3]` float in [0, 1], one prompt
-per image, scores `[B]` float (higher is better). `load(spec)` reads one from `module:function`
+per image, scores `[B]` float (higher is better). The sampler's `--scorer module:function` imports one
 (a CLIP score, a VQA model, ...: anything with that signature).
 
 The built-in one, `subject_attention(pipe, ...)`, needs no other model: it encodes each image with
@@ -21,7 +21,6 @@ built-in tiny pipelines) it measures the machinery only. Use an independent scor
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,21 +35,6 @@ from ctcal_jax.models.vae import scale_latents
 
 Scorer = Callable[[np.ndarray, list[str]], np.ndarray]
 DEFAULT_TIMESTEP = 50.0  # scheduler units: nearly clean, so the maps describe the finished image
-
-
-def load(spec: str) -> Scorer:
-    """`module:function` -> that function (a `Scorer`); ValueError naming what is missing."""
-    module_name, sep, name = spec.partition(":")
-    if not sep or not module_name or not name:
-        raise ValueError(f"--scorer {spec!r}: expected module:function")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"--scorer {spec!r}: cannot import {module_name!r} ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"--scorer {spec!r}: {module_name} has no function {name!r}")
-    return fn
 
 
 def subject_maps(attn: Any, weights: Any, mask: Any, spans: Sequence[tuple[int, int]], kernel_size: int,
