@@ -47,12 +47,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from conversion import import_lora
 from ctcal_jax import cli, nouns, sampling, scorers
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.attention import TACA
 from ctcal_jax.iterref import IterRef
-from ctcal_jax.metrics import Progress
 from ctcal_jax.viz import image_grid, save_png, subject_figure
 
 FLAGS = flags.FLAGS
@@ -163,7 +161,12 @@ class Sampler:
         if taca and self.pipe.family != "sd3":
             raise ValueError(f"--taca applies to SD3/3.5 (MM-DiT) pipelines; {config.model.pretrained} is "
                              f"{self.pipe.family}")
-        self.lora = import_lora(self.s.lora, params=self.pipe.params) if self.s.lora else None
+        if self.s.lora:
+            from conversion import import_lora  # reads files (tests/test_layering.py)
+
+            self.lora = import_lora(self.s.lora, params=self.pipe.params)
+        else:
+            self.lora = None
         self._words: dict[int, list[str]] = {}
         # (prompt index, sample j, seed), prompts first: the plain layout's image order.
         self.jobs = [(p, j, self.s.seed + j) for p in range(len(rows)) for j in range(self.s.n_per_prompt)]
@@ -179,7 +182,7 @@ class Sampler:
         return IterRef(step=step, lr=ir.lr, n_iters=ir.n_iters, loss=ir.loss, gsn_steps=gsn, gsn_lr=ir.gsn_lr,
                        subjects=[self.words(p) for p, _, _ in batch])
 
-    def run(self, iterref_step: int | None = None, attn: bool = False, progress: Progress | None = None
+    def run(self, iterref_step: int | None = None, attn: bool = False, progress: Any = None
             ) -> Iterator[tuple[list[tuple[int, int, int]], dict[str, Any]]]:
         """Per batch: its jobs and `generate`'s output as numpy. A short last batch is padded with
         copies of its last job (their outputs dropped), so every batch runs the same program."""
@@ -225,12 +228,20 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def _progress(total: int) -> Any:
+    """A progress bar over images on a terminal (`metrics.Progress`), imported late: metrics pulls in
+    tensorboardX and torch (seconds), which a bad command line should not wait for."""
+    from ctcal_jax.metrics import Progress
+
+    return Progress(total, unit="image")
+
+
 def generate_files(sampler: Sampler, out: Path, iterref_step: int | None) -> int:
     """Sample every prompt into `out` in the configured layout; returns the number of images."""
     s = sampler.s
     settings = sampler.settings(iterref_step)
     records, images, i = [], [], 0
-    progress = Progress(len(sampler.jobs), unit="image")
+    progress = _progress(len(sampler.jobs))
     try:
         for jobs, batch in sampler.run(iterref_step, attn=s.overlays, progress=progress):
             for b, (p, j, seed) in enumerate(jobs):
@@ -281,7 +292,7 @@ def sweep(sampler: Sampler, steps: list[int], scorer_spec: str | None, out: Path
         scorer = scorers.subject_attention(sampler.pipe, subjects=subjects, tagger=sampler.tagger)
         name = "ctcal_jax.scorers:subject_attention"
     n_prompts, n = len(sampler.rows), sampler.s.n_per_prompt
-    progress = Progress(len(sampler.jobs) * (1 + len(steps)), unit="image")
+    progress = _progress(len(sampler.jobs) * (1 + len(steps)))
     table, baseline = [], None
     try:
         for k in [None] + steps:
