@@ -28,8 +28,9 @@ averaged over the steps, processed as IterRef's) over the image, the subject und
 IterRef (SPEC §6) at step index K with `sample.iterref.*`; subjects from the prompt file or the
 `sample.tagger`. `--sweep-steps`: IterRef at each step index over the prompts (same seeds) and the
 plain baseline, scored by `--scorer` (default: `scorers.subject_attention`); prints a table and
-writes `DIR/sweep.json`. The step index is an argument of the compiled program: every candidate
-runs the one program compiled for the first (the table's `compiles` column shows it).
+writes `DIR/sweep.json`. The step index is an argument of the compiled program: the first candidate
+compiles it (once per batch shape: a batch's subject count is part of it), the others reuse it (the
+table's `compiles` column shows it).
 
 Bad input (a missing prompt file, no prompt, an unknown layout, a step index out of range, a JSON
 line without "prompt", ...) is one line on stderr and exit status 1.
