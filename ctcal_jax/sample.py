@@ -355,7 +355,7 @@ def main(argv: list[str]) -> None:
         else:
             n = generate_files(sampler, out, FLAGS["iterref-step"].value)
             print(f"wrote {n} images to {out} ({config.sample.layout} layout)")
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, an output path that is a file
         sys.exit(f"error: {' '.join(str(e).split())}")
 
 
