@@ -13,6 +13,11 @@ choice: the paper does not give it), weight decay 1e-4, global batch 64, 5 000 s
 metrics (loss = diffusion), checkpoints and `lora/`; no attention figures (no CTCAL maps). At
 sampling, pass the LoRA with `taca=` so it is active exactly while TACA is.
 
+Sampling with TACA and the trained LoRA (28 flow-matching steps, CFG 7.0, as diffusers' SD3 pipeline):
+
+    python -m ctcal_jax.sample --config configs/sd35_taca.py --taca \
+        --config.sample.lora=runs/sd35_taca/lora --prompts PROMPTS.txt --out out/sd35_taca
+
 Variant: `runlocal` (the built-in tiny SD3 pipeline on a CPU).
 """
 

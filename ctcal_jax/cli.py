@@ -4,7 +4,9 @@ stderr and exit status 1, not a traceback."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+from typing import Any
 
 from absl import flags
 
@@ -39,3 +41,18 @@ def config_error(e: Exception, argv: list[str]) -> str:
         where = typed[0] if typed else key
         return f"{where}: no such config key (every key is listed in ctcal_jax/config.py)"
     return text
+
+
+def import_function(spec: str, what: str) -> Any:
+    """`module:function` -> that function; ValueError naming `what` (the flag or key) and the problem."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise ValueError(f"{what} {spec!r}: expected module:function")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r}: {module_name} has no function {name!r}")
+    return fn

@@ -23,6 +23,16 @@ setting. Keys (API.md's "every training config has" marked *):
 - `total_steps`*, `batch_size`* (global), `seed`*, `log_every`*, `checkpoint_every`*,
   `keep_checkpoints`, `sample_every` (attention figures of the data's first examples; 0 = never),
   `num_train_timesteps`, `compilation_cache_dir` ("" = none), `halt_on_nonfinite`.
+- `sample.*`: what `python -m ctcal_jax.sample` reads (the trainer ignores it, and a resumed run may
+  change it): `scheduler` ("" = the family's default, DDIM for SD 1.x/2.x, flow-matching Euler for
+  SD3), `num_inference_steps`, `guidance_scale`, `negative_prompt`, `height`/`width` (0 = the
+  model's default), `seed` (sample j of every prompt uses `seed + j`, as GenEval's and
+  T2I-CompBench's scripts reseed per prompt), `n_per_prompt`, `batch_size` (images per compiled
+  call), `layout` (plain | t2i-compbench | geneval), `overlays`, `lora` ("" or a LoRA file or folder,
+  e.g. a training run's `lora/`), `taca_cond_only`, `tagger` ("stanza" or `module:function`, prompt ->
+  `[(word, upos, start_char, end_char)]`: the subjects of IterRef, overlays and the sweep's scorer),
+  `iterref.{lr, n_iters, loss, gsn_start, gsn_end, gsn_lr}` (SPEC §6; GSN guidance at the step
+  indices `[gsn_start, gsn_end)`, none when they are equal).
 """
 
 from __future__ import annotations
@@ -70,6 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_train_timesteps = 1000
     c.compilation_cache_dir = ""
     c.halt_on_nonfinite = True
+    c.sample = dict(
+        scheduler="", num_inference_steps=50,
+        guidance_scale=7.5,  # diffusers' SD 1.x/2.x default; SD3/3.5's pipelines use 7.0 (sd3_defaults)
+        negative_prompt="", height=0, width=0, seed=0, n_per_prompt=1, batch_size=4, layout="plain",
+        overlays=False, lora="", taca_cond_only=False, tagger="stanza",
+        # lr: our choice (the paper's are not public, SPEC §6): pick it with `--sweep-steps`.
+        iterref=dict(lr=1e-2, n_iters=50, loss="cn+iou", gsn_start=0, gsn_end=0, gsn_lr=0.0),
+    )
     # `capture_blocks` may be None or a tuple: a placeholder would fix one type.
     c.ctcal.capture_blocks = ml_collections.config_dict.placeholder(tuple)
     c.lock()
@@ -78,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 def sd3_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """SPEC §3's SD3 settings on top of `base_config()`: λ4 = 0, 5×5 smoothing of 64×64 maps (1024 px),
-    SD3 learning rates, 20 000 steps, batch 64 (4 per device × 4 devices × 4 accumulation)."""
+    SD3 learning rates, 20 000 steps, batch 64 (4 per device × 4 devices × 4 accumulation); sampling
+    as diffusers' SD3 pipeline and SPEC §6: 28 flow-matching steps, CFG 7.0."""
     c.ctcal.lambdas = (0.01, 1.0, 0.01, 0.0)
     c.ctcal.kernel_size = 5
     c.ctcal.map_resolution = 64
@@ -87,6 +106,8 @@ def sd3_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.total_steps = 20_000
     c.data.resolution = 1024
     c.data.latent_channels = 16
+    c.sample.num_inference_steps = 28
+    c.sample.guidance_scale = 7.0
     return c
 
 

@@ -157,7 +157,7 @@ class MetricsWriter:
 
 
 class Progress:
-    """A tqdm bar over training steps, shown only on an interactive terminal.
+    """A tqdm bar over training steps (or sampled images), shown only on an interactive terminal.
 
     On a non-TTY stderr (a batch job, a pod's log) a bar's carriage-return updates would fill the log
     with partial lines, so nothing is printed: the trainer logs the same numbers through absl logging.
@@ -168,10 +168,10 @@ class Progress:
       enabled: False on every process but 0.
     """
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, unit: str = "step") -> None:
         self._bar = None
         if enabled and sys.stderr.isatty():
-            self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+            self._bar = tqdm.tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True,
                                   file=sys.stderr)
 
     def update(self, step: int, loss: float, samples_per_s: float) -> None:
@@ -181,6 +181,13 @@ class Progress:
         self._bar.set_postfix_str(f"loss={float(loss):.4g}, {float(samples_per_s):.3g} samples/s",
                                   refresh=False)
         self._bar.update(step - self._bar.n)
+
+    def advance(self, n: int, note: str = "") -> None:
+        """Move the bar forward by `n` units (the sampler: images) and show `note`."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(note, refresh=False)
+        self._bar.update(n)
 
     def close(self) -> None:
         """Leave the bar's last state on the terminal."""

@@ -260,6 +260,22 @@ def _streams(pipe: Pipeline) -> list[tuple[str, int]]:
     return streams
 
 
+def stream_spans(pipe: Pipeline) -> list[tuple[int, int]]:
+    """`[start, end)` of each text stream on the denoiser's token axis: SD 1.x/2.x `[(0, 77)]`, SD3
+    `[(0, 77), (77, 333)]` (CLIP, then T5; CLIP alone when the pipeline has no T5)."""
+    spans, start = [], 0
+    for _, length in _streams(pipe):
+        spans.append((start, start + length))
+        start += length
+    return spans
+
+
+def compiled_programs(pipe: Pipeline) -> int:
+    """How many sampling executables `generate` has compiled for `pipe` so far: settings that are
+    arguments of the program (seeds, guidance, TACA's values, IterRef's step and lr) add none."""
+    return sum(f._cache_size() for f in _PROGRAMS.get(pipe, {}).values())  # jax.jit's executable cache
+
+
 def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[Sequence[Any]] | None = None,
                     tagger: Any = "stanza") -> tuple[np.ndarray, np.ndarray]:
     """Each prompt's subjects on the denoiser's whole token axis: `([B, G, T] sub-token-mean weights,
@@ -291,10 +307,7 @@ def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.Iter
         raise ValueError(f"IterRef(step={ir.step}): expected a step index in 0..{n_steps - 1}")
     weights, mask = subject_weights(pipe, prompts, ir.subjects, ir.tagger)
     kernel = ir.kernel_size or (5 if pipe.family == "sd3" else 3)
-    spans, start = [], 0
-    for _, length in _streams(pipe):
-        spans.append((start, start + length))
-        start += length
+    spans = stream_spans(pipe)
     gsn = ir.gsn_steps or (0, 0)
     static = (ir.n_iters, ir.loss, ir.eps, kernel, ir.sigma, tuple(spans), ir.gsn_steps is not None)
     args = {"step": jnp.int32(ir.step), "lr": jnp.float32(ir.lr), "weights": jnp.asarray(weights),

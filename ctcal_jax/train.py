@@ -51,6 +51,8 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (
 # Keys a resumed run may change: when and how much it logs, saves and trains, not what it computes.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                      "compilation_cache_dir", "data.workers")
+# Key prefixes the trainer never reads: the sampling settings (`python -m ctcal_jax.sample`).
+RESUMABLE_PREFIXES = ("sample.",)
 
 
 class NonFinite(RuntimeError):
@@ -58,12 +60,14 @@ class NonFinite(RuntimeError):
 
 
 def check_config_json(workdir: Path, config_json: dict[str, Any], resuming: bool) -> None:
-    """Write `config.json`, or on resume check it against the saved one (`RESUMABLE_CHANGES` aside)."""
+    """Write `config.json`, or on resume check it against the saved one (`RESUMABLE_CHANGES` and
+    `RESUMABLE_PREFIXES` aside)."""
     file = workdir / "config.json"
     if resuming and file.exists():
         saved, now = (traverse_util.flatten_dict(c, sep=".") for c in (json.loads(file.read_text()), config_json))
         changed = sorted(k for k in saved.keys() | now.keys()
-                         if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+                         if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
+                         and not k.startswith(RESUMABLE_PREFIXES))
         if changed:
             raise ValueError(f"{file}: this run was started with a different config ({', '.join(changed)}); "
                              f"resume with the same settings or use a new --workdir")

@@ -141,33 +141,34 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, fnt: Any, width: int) -> str:
 _MEASURE = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # text metrics before the canvas exists
 
 
-def _prompt_block(row: dict[str, Any], tile: int, fnt: Any, label_w: int) -> Image.Image:
-    """One prompt's block: title, then a student and a teacher row of [image, overlay per noun]."""
-    image = np.asarray(row["image"], np.float32)
-    words = list(row["words"])
-    maps = {k: np.asarray(row[k], np.float32) for k in ("student", "teacher")}
-    for k, m in maps.items():
+def _prompt_block(prompt: str, image: Any, words: Sequence[str], rows: Sequence[tuple[str, Any]], tile: int,
+                  fnt: Any, label_w: int) -> Image.Image:
+    """One prompt's block: title, then per `(label, maps [h, w, N])` row [image, overlay per word]."""
+    image = np.asarray(image, np.float32)
+    words = list(words)
+    rows = [(label, np.asarray(m, np.float32)) for label, m in rows]
+    for label, m in rows:
         if m.ndim != 3 or m.shape[-1] != len(words):
-            raise ValueError(f"{k} maps must be [h, w, {len(words)}] for words {words}, got {m.shape}")
+            name = label.split("\n")[0] or "the"
+            raise ValueError(f"{name} maps must be [h, w, {len(words)}] for words {words}, got {m.shape}")
     # Tiles keep the image's aspect ratio at `tile` px high; maps are upsampled straight to the
     # tile so a 16×16 map is drawn at tile resolution, not at the latent's.
     tile_w = max(1, round(tile * image.shape[1] / image.shape[0]))
     base = np.asarray(to_pil(image).resize((tile_w, tile), Image.BILINEAR), np.float32) / 255.0
     line_h = _text_size(_MEASURE, "Ag", fnt)[1]
     width = label_w + (1 + len(words)) * (tile_w + _GAP) + _GAP
-    title = _wrap(_MEASURE, str(row["prompt"]), fnt, width - 2 * _GAP)
+    title = _wrap(_MEASURE, str(prompt), fnt, width - 2 * _GAP)
     title_h = _text_size(_MEASURE, title, fnt)[1] if title else line_h
     row_h = tile + _GAP + line_h + _GAP  # tile, then its caption
-    block = Image.new("RGB", (width, _GAP + title_h + _GAP + 2 * row_h), _BACKGROUND)
+    block = Image.new("RGB", (width, _GAP + title_h + _GAP + len(rows) * row_h), _BACKGROUND)
     draw = ImageDraw.Draw(block)
     draw.multiline_text((_GAP, _GAP), title, fill=_INK, font=fnt)
-    for r, who in enumerate(("student", "teacher")):
+    for r, (label, m) in enumerate(rows):
         y = 2 * _GAP + title_h + r * row_h
-        t = float(row[f"t_{who}"])
-        label = f"{who}\nt={t:.4g}"
-        draw.multiline_text((_GAP, y + (tile - _text_size(draw, label, fnt)[1]) // 2), label,
-                            fill=_INK, font=fnt)
-        tiles = [base] + [overlay(base, maps[who][..., i]) for i in range(len(words))]
+        if label:
+            draw.multiline_text((_GAP, y + (tile - _text_size(draw, label, fnt)[1]) // 2), label,
+                                fill=_INK, font=fnt)
+        tiles = [base] + [overlay(base, m[..., i]) for i in range(len(words))]
         for i, (pixels, caption) in enumerate(zip(tiles, ["image"] + words)):
             x = label_w + _GAP + i * (tile_w + _GAP)
             block.paste(to_pil(pixels), (x, y))
@@ -210,9 +211,26 @@ def attention_figure(rows: Sequence[dict[str, Any]], tile: int = 256) -> Image.I
     if tile < MIN_TILE:
         raise ValueError(f"tile must be at least {MIN_TILE} px, got {tile}")
     fnt = font(max(12, tile // 12))
-    label_w = max(_text_size(_MEASURE, f"{who}\nt={float(r[f't_{who}']):.4g}", fnt)[0]
-                  for r in rows for who in ("student", "teacher")) + _GAP
-    return _stack([_prompt_block(r, tile, fnt, label_w) for r in rows])
+    labelled = [[(f"{who}\nt={float(r[f't_{who}']):.4g}", r[who]) for who in ("student", "teacher")] for r in rows]
+    label_w = max(_text_size(_MEASURE, label, fnt)[0] for block in labelled for label, _ in block) + _GAP
+    return _stack([_prompt_block(r["prompt"], r["image"], r["words"], block, tile, fnt, label_w)
+                   for r, block in zip(rows, labelled)])
+
+
+def subject_figure(prompt: str, image: Any, words: Sequence[str], maps: Any, tile: int = 256) -> Image.Image:
+    """One sample's subject maps (the sampler's overlays): the prompt as title, then the image and one
+    overlay per subject, the subject's word written under its tile.
+
+    Args:
+      image: `[H, W, 3]` in [0, 1].
+      words: the N subjects.
+      maps: `[h, w, N]` in [0, 1] (each subject's processed map, min-max normalised).
+      tile: tile height in px (at least `MIN_TILE`).
+    """
+    if tile < MIN_TILE:
+        raise ValueError(f"tile must be at least {MIN_TILE} px, got {tile}")
+    fnt = font(max(12, tile // 12))
+    return _prompt_block(prompt, image, words, [("", maps)], tile, fnt, 0)
 
 
 def image_grid(images: Any, cols: int, captions: Sequence[str] | None = None) -> Image.Image:

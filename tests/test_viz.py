@@ -169,3 +169,14 @@ def test_save_png_failure_keeps_old_file_and_no_temp(tmp_path, monkeypatch):
         viz.save_png(np.ones((4, 4, 3)), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["fig.png"]
+
+
+def test_subject_figure_one_row_with_a_tile_per_subject():
+    image = np.full((32, 32, 3), 0.5, np.float32)
+    sizes = [viz.subject_figure("a cat", image, [f"w{i}" for i in range(n)], np.zeros((4, 4, n)), tile=TILE).size
+             for n in (1, 2)]
+    assert sizes[1][0] > sizes[0][0] and sizes[1][1] == sizes[0][1]
+    one_row = viz.subject_figure("a cat", image, ["cat"], np.zeros((4, 4, 1)), tile=TILE).height
+    assert one_row < viz.attention_figure([_row(1)], tile=TILE).height  # one row, not student + teacher
+    with pytest.raises(ValueError, match=r"\[h, w, 2\]"):
+        viz.subject_figure("a cat", image, ["cat", "dog"], np.zeros((4, 4, 1)), tile=TILE)
