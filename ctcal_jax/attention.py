@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ctcal_jax import checks
 
 Implementation = Literal["auto", "fused", "explicit"]
 
@@ -55,6 +58,14 @@ class AttnCapture:
     resolutions: tuple[int, ...] = (16,)
     blocks: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        checks.int_tuple("AttnCapture", "resolutions", self.resolutions)
+        checks.int_tuple("AttnCapture", "blocks", self.blocks, allow_none=True)
+        # Lists are accepted and stored as tuples: the capture is hashed as a static argument.
+        object.__setattr__(self, "resolutions", tuple(int(r) for r in self.resolutions))
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+
 
 @dataclasses.dataclass(frozen=True)
 class TACA:
@@ -67,6 +78,11 @@ class TACA:
 
     gamma: float = 1.2
     t_threshold: float = 970.0
+
+    def __post_init__(self):
+        checks.positive_float("TACA", "gamma", self.gamma)
+        if isinstance(self.t_threshold, (int, float)) and not math.isfinite(self.t_threshold):
+            raise ValueError(f"TACA: t_threshold must be a finite timestep (scheduler units), got {self.t_threshold!r}")
 
     def scales(self, timesteps: jax.Array) -> jax.Array:
         """Per-sample logit multiplier γ(t): `[B]` float32."""

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
-from ctcal_jax import lora
+from ctcal_jax import checks, lora
 from ctcal_jax.lora import Dense
 from ctcal_jax.models.remat import Remat, block as remat_block
 
@@ -201,6 +201,12 @@ class CLIPTextModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> dict[str, Any]:
         lora.check_collection(self)
+        checks.array("CLIPTextModel", "input_ids", input_ids, ndim=2, layout="[B, T] token ids")
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"CLIPTextModel: input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] > self.max_position_embeddings:
+            raise ValueError(f"CLIPTextModel: input_ids has {input_ids.shape[1]} tokens, more than the model's "
+                             f"{self.max_position_embeddings} positions")
         last, pooled, hidden = CLIPTextTransformer(
             self.vocab_size, self.hidden_size, self.intermediate_size, self.num_hidden_layers,
             self.num_attention_heads, self.max_position_embeddings, self.hidden_act, self.layer_norm_eps,

@@ -27,7 +27,7 @@ import numpy as np
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
-from ctcal_jax import lora
+from ctcal_jax import checks, lora
 from ctcal_jax.attention import TACA, AttnCapture
 from ctcal_jax.lora import Dense
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
@@ -275,6 +275,7 @@ class SD3Transformer2DModel(nn.Module):
         taca: TACA | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         lora.check_collection(self)
+        self._check_inputs(hidden_states, timesteps, encoder_hidden_states, pooled_projections, capture, taca)
         b, height, width, _ = hidden_states.shape
         p = self.patch_size
         if height % p or width % p:
@@ -315,6 +316,22 @@ class SD3Transformer2DModel(nn.Module):
         if capture is not None:
             aux["attn"] = jnp.mean(jnp.stack(maps), axis=0).reshape(b, h, w, -1)  # [B, h, w, T]
         return pred, aux
+
+    def _check_inputs(self, x, timesteps, context, pooled, capture, taca) -> None:
+        """Trace-time checks of `__call__`'s arguments (`ctcal_jax.checks`)."""
+        where = "SD3Transformer2DModel"
+        checks.array(where, "hidden_states", x, ndim=4, last=self.in_channels, layout="[B, h, w, C]")
+        checks.array(where, "encoder_hidden_states", context, ndim=3, last=self.joint_attention_dim,
+                      layout="[B, T, joint_attention_dim]")
+        checks.array(where, "pooled_projections", pooled, ndim=2, last=self.pooled_projection_dim,
+                      layout="[B, pooled_projection_dim]")
+        checks.batch(where, ("hidden_states", x), ("encoder_hidden_states", context),
+                     ("pooled_projections", pooled))
+        checks.timesteps(where, timesteps, x.shape[0])
+        if capture is not None and not isinstance(capture, AttnCapture):
+            raise ValueError(f"{where}: capture must be an AttnCapture or None, got {type(capture).__name__}")
+        if taca is not None and not isinstance(taca, TACA):
+            raise ValueError(f"{where}: taca must be a TACA or None, got {type(taca).__name__}")
 
     def _captured_blocks(self, capture: AttnCapture | None) -> frozenset[int]:
         """Indices of the joint blocks whose maps are captured (negative indices count from the end)."""

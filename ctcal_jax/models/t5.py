@@ -25,7 +25,7 @@ import numpy as np
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
-from ctcal_jax import lora
+from ctcal_jax import checks, lora
 from ctcal_jax.lora import Dense
 from ctcal_jax.models.remat import Remat, block as remat_block
 
@@ -204,6 +204,9 @@ class T5EncoderModel(nn.Module):
     @nn.compact
     def __call__(self, input_ids: jax.Array, output_hidden_states: bool = False) -> dict[str, Any]:
         lora.check_collection(self)
+        checks.array("T5EncoderModel", "input_ids", input_ids, ndim=2, layout="[B, T] token ids")
+        if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"T5EncoderModel: input_ids must be integer token ids, got dtype {input_ids.dtype}")
         s = T5Settings(self.num_heads, self.d_kv, self.d_ff, self.relative_attention_num_buckets,
                        self.relative_attention_max_distance, self.layer_norm_epsilon, self.dense_act_fn,
                        self.is_gated_act, self.implementation, self.dtype)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
-from ctcal_jax import lora
+from ctcal_jax import checks, lora
 from ctcal_jax.attention import AttnCapture
 from ctcal_jax.lora import Dense
 from ctcal_jax.models.embeddings import TimestepEmbedding, batch_timesteps, timestep_embedding
@@ -281,6 +281,7 @@ class UNet2DConditionModel(nn.Module):
         capture: AttnCapture | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         lora.check_collection(self)
+        self._check_inputs(sample, timesteps, encoder_hidden_states, capture)
         shared = _Shared(self.norm_num_groups, self.norm_eps, self.use_linear_projection,
                          self.implementation, self.dtype, self.remat)
         resolutions = () if capture is None else tuple(capture.resolutions)
@@ -326,6 +327,21 @@ class UNet2DConditionModel(nn.Module):
         if capture is not None:
             aux["attn"] = mean_maps(maps, resolutions)
         return pred, aux
+
+
+    def _check_inputs(self, sample, timesteps, context, capture) -> None:
+        """Trace-time checks of `__call__`'s arguments (`ctcal_jax.checks`)."""
+        where = "UNet2DConditionModel"
+        params = self.variables.get("params")
+        conv_in = checks.kernel_shape(params, "conv_in")
+        checks.array(where, "sample", sample, ndim=4, last=None if conv_in is None else conv_in[2], layout="[B, h, w, C]")
+        to_k = checks.find_kernel(params, ("attn2", "to_k"))
+        checks.array(where, "encoder_hidden_states", context, ndim=3, last=None if to_k is None else to_k[0],
+                      layout="[B, T, D]")
+        checks.batch(where, ("sample", sample), ("encoder_hidden_states", context))
+        checks.timesteps(where, timesteps, sample.shape[0])
+        if capture is not None and not isinstance(capture, AttnCapture):
+            raise ValueError(f"{where}: capture must be an AttnCapture or None, got {type(capture).__name__}")
 
 
 def mean_maps(maps: Maps, resolutions: tuple[int, ...]) -> jax.Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from ctcal_jax import attention as attn_lib
+from ctcal_jax import checks
 from ctcal_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm
 
 _EPS = 1e-6  # diffusers builds every VAE norm with eps 1e-6
@@ -179,6 +180,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images `[B, H, W, C_in]` in [-1, 1] -> posterior `(mean, logvar)`, each `[B, h, w, Z]`."""
+        checks.array("AutoencoderKL.encode", "images", images, ndim=4, last=self.in_channels, layout="[B, H, W, C]")
         moments = self.encoder(images.astype(self.dtype))
         if self.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -187,6 +189,7 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, latents: jax.Array) -> jax.Array:
         """Unscaled latents `[B, h, w, Z]` -> images `[B, H, W, C_out]` (about [-1, 1], not clipped)."""
+        checks.array("AutoencoderKL.decode", "latents", latents, ndim=4, last=self.latent_channels, layout="[B, h, w, Z]")
         z = latents.astype(self.dtype)
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)

@@ -1,0 +1,96 @@
+"""Bad arguments at the models' boundaries: one-line ValueErrors naming the argument (checked while
+tracing), never an error from inside einsum, a convolution or Flax."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctcal_jax import sampling
+from ctcal_jax.attention import TACA, AttnCapture
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return sampling.load_pipeline("builtin:tiny-sd2")
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return sampling.load_pipeline("builtin:tiny-sd3")
+
+
+def one_line(excinfo, *needles):
+    message = str(excinfo.value)
+    assert "\n" not in message and len(message) <= 400, message
+    for needle in needles:
+        assert needle in message, message
+
+
+def unet(pipe, sample, t, context, **kw):
+    return pipe.denoiser.apply({"params": pipe.params["unet"]}, sample, t, context, **kw)
+
+
+def mmdit(pipe, x, t, context, pooled, **kw):
+    return pipe.denoiser.apply({"params": pipe.params["transformer"]}, x, t, context, pooled, **kw)
+
+
+Z2, C2 = jnp.zeros((2, 32, 32, 4)), jnp.zeros((2, 77, 64))
+Z3, C3, P3 = jnp.zeros((2, 32, 32, 16)), jnp.zeros((2, 333, 64)), jnp.zeros((2, 48))
+
+
+@pytest.mark.parametrize("sample,t,context,needles", [
+    (Z2, 10.0, jnp.zeros((3, 77, 64)), ("encoder_hidden_states has batch 3", "sample has batch 2")),
+    (Z2, 10.0, jnp.zeros((1, 77, 64)), ("encoder_hidden_states has batch 1",)),
+    (jnp.zeros((2, 4, 32, 32)), 10.0, C2, ("sample must have 4 entries on its last axis", "NHWC")),
+    (Z2, jnp.zeros(3), C2, ("timesteps must be a scalar or one per sample",)),
+    (Z2, 10.0, jnp.zeros((2, 77, 32)), ("encoder_hidden_states must have 64 entries",)),
+    (jnp.zeros((32, 32, 4)), 10.0, C2, ("sample must have 4 axes",)),
+])
+def test_unet_arguments(sd2, sample, t, context, needles):
+    with pytest.raises(ValueError) as e:
+        unet(sd2, sample, t, context)
+    one_line(e, "UNet2DConditionModel", *needles)
+
+
+@pytest.mark.parametrize("x,context,pooled,needles", [
+    (Z3, jnp.zeros((3, 333, 64)), P3, ("encoder_hidden_states has batch 3",)),
+    (Z3, C3, jnp.zeros((1, 48)), ("pooled_projections has batch 1",)),
+    (jnp.zeros((2, 16, 32, 32)), C3, P3, ("hidden_states must have 16 entries", "NHWC")),
+    (Z3, C3, jnp.zeros((2, 32)), ("pooled_projections must have 48 entries",)),
+])
+def test_mmdit_arguments(sd3, x, context, pooled, needles):
+    with pytest.raises(ValueError) as e:
+        mmdit(sd3, x, 500.0, context, pooled)
+    one_line(e, "SD3Transformer2DModel", *needles)
+
+
+def test_capture_and_taca_arguments(sd3):
+    with pytest.raises(ValueError) as e:
+        AttnCapture(resolutions=16)
+    one_line(e, "resolutions must be a tuple of ints")
+    assert AttnCapture(resolutions=[16, 8]).resolutions == (16, 8)
+    for gamma in (0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError) as e:
+            TACA(gamma=gamma)
+        one_line(e, "TACA: gamma must be a finite number > 0")
+    with pytest.raises(ValueError) as e:
+        mmdit(sd3, Z3, 500.0, C3, P3, taca=1.2)
+    one_line(e, "taca must be a TACA")
+
+
+def test_text_and_vae_arguments(sd2):
+    clip = sd2.encoders.models["text_encoder"]
+    with pytest.raises(ValueError) as e:
+        clip.apply({"params": sd2.params["text_encoder"]}, jnp.zeros((2, 77), jnp.float32))
+    one_line(e, "input_ids must be integer token ids")
+    with pytest.raises(ValueError) as e:
+        clip.apply({"params": sd2.params["text_encoder"]}, jnp.zeros((1, 100), jnp.int32))
+    one_line(e, "100 tokens, more than the model's 77 positions")
+    with pytest.raises(ValueError) as e:
+        sd2.vae.apply({"params": sd2.params["vae"]}, np.zeros((1, 3, 64, 64), np.float32), method="encode")
+    one_line(e, "images must have 3 entries on its last axis")
+    with pytest.raises(ValueError) as e:
+        sd2.vae.apply({"params": sd2.params["vae"]}, np.zeros((1, 8, 8, 16), np.float32), method="decode")
+    one_line(e, "latents must have 4 entries")
