@@ -27,10 +27,11 @@ from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from ctcal_jax import checks, nouns
 from ctcal_jax import maps as mp
-from ctcal_jax import nouns
 
 LOSSES = ("cn", "iou", "cn+iou")
 TokenGroups = Union[Sequence[Sequence[int]], jax.Array]
@@ -151,8 +152,14 @@ def batch_loss(
     one stream over all of T. Weights and mask index the whole token axis.
     """
     _check_loss(loss)
+    checks.array("iterref", 'aux["attn"]', attn, ndim=4, layout="[B, H, W, T]: capture maps in the forward")
     b, seq_len = attn.shape[0], attn.shape[-1]
     weights = group_array(token_groups, seq_len)
+    if weights.ndim not in (2, 3) or weights.shape[-1] != seq_len or (weights.ndim == 3 and weights.shape[0] != b):
+        raise ValueError(f"iterref: token_groups weights must be [G, {seq_len}] or [{b}, G, {seq_len}] for maps "
+                         f"{tuple(attn.shape)}, got {tuple(weights.shape)}")
+    if token_mask is not None and np.shape(token_mask)[-1] != seq_len:
+        raise ValueError(f"iterref: token_mask must have {seq_len} entries on its last axis, got {np.shape(token_mask)}")
     weights = jnp.broadcast_to(weights, (b,) + weights.shape[-2:])  # [B, G, T]
     mask = default_token_mask(seq_len) if token_mask is None else jnp.asarray(token_mask, bool)
     mask = jnp.broadcast_to(mask, (b, seq_len))

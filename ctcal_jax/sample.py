@@ -29,8 +29,8 @@ IterRef (SPEC §6) at step index K with `sample.iterref.*`; subjects from the pr
 `sample.tagger`. `--sweep-steps`: IterRef at each step index over the prompts (same seeds) and the
 plain baseline, scored by `--scorer` (default: `scorers.subject_attention`); prints a table and
 writes `DIR/sweep.json`. The step index is an argument of the compiled program: the first candidate
-compiles it (once per batch shape: a batch's subject count is part of it), the others reuse it (the
-table's `compiles` column shows it).
+compiles it, the others reuse it (the table's `compiles` column shows it; a batch whose prompts
+have more than 4 subjects has another shape and compiles once more).
 
 Bad input (a missing prompt file, no prompt, an unknown layout, a step index out of range, a JSON
 line without "prompt", ...) is one line on stderr and exit status 1.

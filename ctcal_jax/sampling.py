@@ -279,7 +279,8 @@ def compiled_programs(pipe: Pipeline) -> int:
 def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[Sequence[Any]] | None = None,
                     tagger: Any = "stanza") -> tuple[np.ndarray, np.ndarray]:
     """Each prompt's subjects on the denoiser's whole token axis: `([B, G, T] sub-token-mean weights,
-    [B, T] real-token mask)`, from `subjects` (words or spans per prompt) or the tagger."""
+    [B, T] real-token mask)`, from `subjects` (words or spans per prompt) or the tagger. G is the
+    most subjects of any prompt rounded up to a multiple of 4; rows past a prompt's own are zero."""
     if subjects is not None and len(subjects) != len(prompts):
         raise ValueError(f"iterref subjects: expected one list per prompt ({len(prompts)}), got {len(subjects)}")
     per_stream = []
@@ -289,7 +290,9 @@ def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[S
                                           max_length=length) for b, p in enumerate(prompts)]
         masks = np.stack([nouns.real_token_mask(p, tok, length) for p in prompts])
         per_stream.append((groups, masks, length))
-    g = max(1, max(len(gr) for groups, _, _ in per_stream for gr in groups))
+    # Subjects padded to a multiple of 4 (zero rows are ignored): batches with 1-4 subjects share a
+    # shape, so a sweep over several batches compiles once.
+    g = -(-max(1, max(len(gr) for groups, _, _ in per_stream for gr in groups)) // 4) * 4
     weights = np.concatenate([np.stack([nouns.group_weights(gr, g, length) for gr in groups])
                               for groups, _, length in per_stream], axis=-1)
     masks = np.concatenate([m for _, m, _ in per_stream], axis=-1)

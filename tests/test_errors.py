@@ -94,3 +94,18 @@ def test_text_and_vae_arguments(sd2):
     with pytest.raises(ValueError) as e:
         sd2.vae.apply({"params": sd2.params["vae"]}, np.zeros((1, 8, 8, 16), np.float32), method="decode")
     one_line(e, "latents must have 4 entries")
+
+
+def test_iterref_arguments():
+    from ctcal_jax import iterref
+
+    attn = jnp.ones((2, 8, 8, 77)) / 77
+    with pytest.raises(ValueError) as e:
+        iterref.batch_loss(attn, jnp.zeros((3, 2, 77)))
+    one_line(e, "token_groups weights must be [G, 77] or [2, G, 77]")
+    with pytest.raises(ValueError) as e:
+        iterref.batch_loss(attn, [[1]], jnp.ones((2, 76), bool))
+    one_line(e, "token_mask must have 77 entries")
+    with pytest.raises(ValueError) as e:
+        iterref.refine(lambda z, t: (z, {"attn": z}), jnp.zeros((1, 8, 8)), 500.0, [[1]], lr=0.1)
+    one_line(e, 'aux["attn"] must have 4 axes')
