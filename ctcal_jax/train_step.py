@@ -116,7 +116,12 @@ def make_step_fn(family: Family, optimizer: optax.GradientTransformation, accum_
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> State:
-    """A fresh train state for the trainable tree `params`."""
+    """A fresh train state for the trainable tree `params`.
+
+    The state holds copies: the train step donates its state (its buffers are reused for the next
+    one), and the arrays the caller passed in stay usable.
+    """
+    params = jax.tree.map(jnp.copy, params)
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 

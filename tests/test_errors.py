@@ -109,3 +109,17 @@ def test_iterref_arguments():
     with pytest.raises(ValueError) as e:
         iterref.refine(lambda z, t: (z, {"attn": z}), jnp.zeros((1, 8, 8)), 500.0, [[1]], lr=0.1)
     one_line(e, 'aux["attn"] must have 4 axes')
+
+
+def test_the_arrays_given_to_init_state_survive_a_donating_step():
+    """The train step donates its state; the trainable tree the user passed in stays usable."""
+    import jax
+    import optax
+
+    from ctcal_jax.train_step import init_state
+
+    params = {"w": jnp.ones((4, 4)), "b": jnp.zeros(4)}
+    state = init_state(params, optax.adam(1e-3))
+    step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    state = step(state)
+    assert float(params["w"].sum()) == 16.0 and float(state["params"]["w"].sum()) == 32.0
