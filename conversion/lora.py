@@ -126,7 +126,8 @@ def import_lora(
         out[component] = _resolve(out[component], params[component], component, keys, problems)
     if problems:
         raise ValueError(f"{file}: {len(problems)} LoRA modules cannot be used: "
-                         + "; ".join(problems[:5]) + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
+                         + "; ".join(problems[:5])
+                         + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
     return {component: lora.from_paths({_flax_path(component, m): ab for m, ab in adapters.items()})
             for component, adapters in out.items()}
 
@@ -321,7 +322,8 @@ def _pattern_value(config: Mapping[str, Any], field: str, module: str, default: 
             if re.match(rf"(.*\.)?({pattern})$", module):
                 return value
         except re.error as e:
-            raise ValueError(f"lora_adapter_metadata: {field} key {pattern!r} is not a regular expression ({e})") from None
+            raise ValueError(f"lora_adapter_metadata: {field} key {pattern!r} is not a regular expression "
+                             f"({e})") from None
     return default
 
 

@@ -172,7 +172,8 @@ def given_spans(prompt: str, given: Given) -> list[tuple[int, int]]:
             pattern = r"(?<!\w)" + re.escape(item.strip()) + r"(?!\w)"
             found = [m.span() for m in re.finditer(pattern, prompt, re.IGNORECASE) if m.span() not in spans]
             if not found:
-                raise ValueError(f"given noun {item!r} does not occur (again) as a word in the prompt {_short(prompt)!r}")
+                raise ValueError(f"given noun {item!r} does not occur (again) as a word in the prompt "
+                                 f"{_short(prompt)!r}")
             spans.append(found[0])
         else:
             if (not isinstance(item, (tuple, list)) or len(item) != 2
@@ -180,7 +181,8 @@ def given_spans(prompt: str, given: Given) -> list[tuple[int, int]]:
                 raise ValueError(f"given item {str(item)[:40]}: expected a word or a (start, end) pair of ints")
             start, end = (int(v) for v in item)
             if not 0 <= start < end <= len(prompt):
-                raise ValueError(f"given span {(start, end)} is outside the prompt {_short(prompt)!r} ({len(prompt)} characters)")
+                raise ValueError(f"given span {(start, end)} is outside the prompt {_short(prompt)!r} "
+                                 f"({len(prompt)} characters)")
             spans.append((start, end))
     return sorted(spans)
 

@@ -99,7 +99,8 @@ def test_import_lora_on_random_files(keys, data):
        alpha=st.one_of(st.none(), st.floats(width=32), st.lists(st.floats(width=32), max_size=2)))
 def test_import_lora_peft_metadata_and_alphas(config, alpha):
     module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
-    tensors = {f"{module}.lora_A.weight": np.ones((4, 8), np.float32), f"{module}.lora_B.weight": np.ones((8, 4), np.float32)}
+    tensors = {f"{module}.lora_A.weight": np.ones((4, 8), np.float32),
+               f"{module}.lora_B.weight": np.ones((8, 4), np.float32)}
     if alpha is not None:
         tensors[f"{module}.alpha"] = np.asarray(alpha, np.float32)
     metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()})}
@@ -118,8 +119,8 @@ def test_import_lora_peft_metadata_and_alphas(config, alpha):
 # --- safetensors headers -------------------------------------------------------------------------
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), st.text(max_size=8))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
-                           max_leaves=10)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3), max_leaves=10)
 JSON_TEXT = st.one_of(JSON_VALUES.map(json.dumps), st.text(max_size=30))
 DTYPES = st.sampled_from([*files._DTYPES, "F4", "", "f32"])
 
