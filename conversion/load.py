@@ -83,7 +83,8 @@ def load_component(
     devices hold, the host never holds more than one tensor, never a copy of the whole model.
 
     Args:
-      path: a pipeline folder (with `model_index.json`) or a single component folder.
+      path: a pipeline folder (with `model_index.json`), a single component folder, or a folder
+        holding the `component` subfolder without `model_index.json` (a partial download).
       component: `unet | transformer | vae | text_encoder | text_encoder_2 | text_encoder_3`.
       dtype: dtype of the returned parameters (and the compute dtype unless `compute_dtype`).
       compute_dtype: dtype the module computes in, e.g. bf16 over fp32 params.
