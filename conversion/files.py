@@ -9,7 +9,9 @@ tensor is copied before it is converted.
 from __future__ import annotations
 
 import json
+import math
 import struct
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,9 @@ COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "t
 
 
 def component_dir(path: str | Path, component: str) -> Path:
-    """The folder of `component`: `path/component` for a pipeline folder, else `path` itself."""
+    """The folder of `component`: `path/component` for a pipeline folder, `path` itself for a component
+    folder (`config.json`), and `path/component` for a folder holding that subfolder without a
+    `model_index.json` (a partial download; what `from_pretrained(path, subfolder=component)` loads)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
@@ -46,11 +50,21 @@ def component_dir(path: str | Path, component: str) -> Path:
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: component folder named in model_index.json is missing")
         return folder
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path}: neither a pipeline folder (model_index.json) nor a component folder (config.json)"
-        )
-    return path
+    if (path / "config.json").is_file():
+        return path
+    if (path / component / "config.json").is_file():
+        return path / component
+    raise FileNotFoundError(
+        f"{path}: neither a pipeline folder (model_index.json), a component folder (config.json) nor a "
+        f"folder holding {component}/config.json"
+    )
+
+
+def shortlist(items: Iterable[Any], limit: int = 5) -> str:
+    """`[a, b, c] ... and N more`: a list for a one-line error message, cut after `limit` items."""
+    items = list(items)
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{items[:limit]}{more}"
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -73,31 +87,60 @@ def class_name(config: dict[str, Any], config_file: Path) -> str:
 
 
 def read_safetensors(file: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of one safetensors file as (memory-mapped) numpy arrays, plus its metadata."""
+    """All tensors of one safetensors file as (memory-mapped) numpy arrays, plus its metadata.
+
+    Raises ValueError naming the file (and the tensor) for anything that is not a well-formed
+    safetensors file: a truncated file, a header that is not a JSON object of tensor entries, an
+    unsupported dtype, a bad shape, or offsets outside the data.
+    """
+    file = Path(file)
+    size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise ValueError(f"{file}: truncated safetensors file (no header)")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8:  # checked before reading: a corrupt length must not allocate its size
+            raise ValueError(f"{file}: safetensors header of {n} bytes declared, but the file has {size} bytes")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{file}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header is a JSON {type(header).__name__}, expected an object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError(f"{file}: safetensors __metadata__ is not an object of strings")
     if not header:
         return {}, metadata
-    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n)
+    data = size - 8 - n
+    raw = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + n) if data else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = np.dtype(_DTYPES[info["dtype"]])
-        start, stop = info["data_offsets"]
-        expected = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
-        if stop - start != expected or stop > raw.size:
-            raise ValueError(f"{file}: tensor {name!r} has inconsistent offsets {start}..{stop}")
-        tensors[name] = raw[start:stop].view(dtype).reshape(info["shape"])
+        dtype, shape, (start, stop) = _tensor_info(file, name, info, data)
+        tensors[name] = raw[start:stop].view(dtype).reshape(shape)
     return tensors, metadata
+
+
+def _tensor_info(file: Path, name: str, info: Any, data: int) -> tuple[np.dtype, list[int], tuple[int, int]]:
+    """`(dtype, shape, (start, stop))` of one header entry, checked against `data` bytes of tensor data."""
+    where = f"{file}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise ValueError(f"{where}: header entry {str(info)[:80]} is not {{dtype, shape, data_offsets}}")
+    if not isinstance(info["dtype"], str) or info["dtype"] not in _DTYPES:
+        raise ValueError(f"{where} has unsupported dtype {str(info['dtype'])[:40]}")
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"{where} has shape {str(shape)[:80]}: expected a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data):
+        raise ValueError(f"{where} has data_offsets {str(offsets)[:80]}: expected [start, stop] within the "
+                         f"{data} bytes of tensor data")
+    start, stop = offsets
+    if stop - start != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{where} has inconsistent offsets {start}..{stop} for shape {shape} of {info['dtype']}")
+    return dtype, shape, (start, stop)
 
 
 def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
@@ -107,7 +150,8 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(tensors[name])
+        # np.ascontiguousarray turns a 0-d array into shape (1,): keep the tensor's own shape.
+        a = np.asarray(tensors[name], order="C")
         if a.dtype not in names:
             raise ValueError(f"{file}: cannot store tensor {name!r} of dtype {a.dtype}")
         header[name] = {"dtype": names[a.dtype], "shape": list(a.shape),
@@ -123,18 +167,14 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict
             f.write(a.tobytes())
 
 
-def read_state_dict(
-    folder: Path, *, variant: str | None = None, allow_pickle: bool = False
-) -> dict[str, np.ndarray]:
-    """The weights of a component folder: single or sharded safetensors; pickle only on opt-in."""
+def weights_file(folder: Path, *, variant: str | None = None, allow_pickle: bool = False) -> Path:
+    """The weights of a component folder: its safetensors file or `.index.json` of shards; a pickle
+    file only on opt-in."""
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     for stem in _SAFETENSORS_NAMES:
-        single = folder / f"{stem}{suffix}"
-        if single.is_file():
-            return read_safetensors(single)[0]
-        index = folder / f"{stem}{suffix}.index.json"
-        if index.is_file():
-            return _read_sharded(index)
+        for name in (f"{stem}{suffix}", f"{stem}{suffix}.index.json"):
+            if (folder / name).is_file():
+                return folder / name
     pickles = sorted(p for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles and not allow_pickle:
         raise ValueError(
@@ -143,11 +183,27 @@ def read_state_dict(
             "or pass allow_pickle=True to load them with torch.load(weights_only=True)."
         )
     if pickles:
-        return _read_pickle(pickles[0])
+        return pickles[0]
     raise FileNotFoundError(
         f"{folder}: no weights found (looked for {', '.join(s + suffix for s in _SAFETENSORS_NAMES)} "
         "and their .index.json shards)"
     )
+
+
+def read_weights(file: Path) -> dict[str, np.ndarray]:
+    """The state dict in `file` (from `weights_file`): safetensors, a shard index or a pickle."""
+    if file.name.endswith(".index.json"):
+        return _read_sharded(file)
+    if file.suffix == ".safetensors":
+        return read_safetensors(file)[0]
+    return _read_pickle(file)
+
+
+def read_state_dict(
+    folder: Path, *, variant: str | None = None, allow_pickle: bool = False
+) -> dict[str, np.ndarray]:
+    """The weights of a component folder: single or sharded safetensors; pickle only on opt-in."""
+    return read_weights(weights_file(folder, variant=variant, allow_pickle=allow_pickle))
 
 
 def _read_sharded(index_file: Path) -> dict[str, np.ndarray]:

@@ -55,6 +55,15 @@ def family(cls: str, config_file: Path | str):
         raise
 
 
+def build(fam: Any, config: dict[str, Any], config_file: Path | str, dtype: Any) -> nn.Module:
+    """`fam.build(config, dtype)`, its errors naming the full path of `config_file`: the families
+    know their config only as "config.json"."""
+    try:
+        return fam.build(config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {str(e).removeprefix('config.json: ')}") from None
+
+
 def load_component(
     path: str | Path,
     component: str,
@@ -74,7 +83,8 @@ def load_component(
     devices hold, the host never holds more than one tensor, never a copy of the whole model.
 
     Args:
-      path: a pipeline folder (with `model_index.json`) or a single component folder.
+      path: a pipeline folder (with `model_index.json`), a single component folder, or a folder
+        holding the `component` subfolder without `model_index.json` (a partial download).
       component: `unet | transformer | vae | text_encoder | text_encoder_2 | text_encoder_3`.
       dtype: dtype of the returned parameters (and the compute dtype unless `compute_dtype`).
       compute_dtype: dtype the module computes in, e.g. bf16 over fp32 params.
@@ -111,12 +121,13 @@ def load_component(
             f"(expected one of {sorted(COMPONENT_CLASSES[component])})"
         )
     fam = family(cls, config_file)
-    module = fam.build(config, dtype=compute_dtype or dtype)
-    state = files.read_state_dict(folder, variant=variant, allow_pickle=allow_pickle)
+    module = build(fam, config, config_file, compute_dtype or dtype)
+    weights = files.weights_file(folder, variant=variant, allow_pickle=allow_pickle)
+    state = files.read_weights(weights)
     # Leaves are views of the memory-mapped file in the Flax layout (transposes are views): checking
     # them reads headers only.
     views = names.torch_to_flax(
-        state, fam.abstract_params(module, config), source=str(folder), rename=getattr(fam, "rename", None)
+        state, fam.abstract_params(module, config), source=str(weights), rename=getattr(fam, "rename", None)
     )
     dtype = jax.dtypes.canonicalize_dtype(dtype)
     if mesh is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -81,7 +82,8 @@ def import_lora(
 
     Only the components present in the file are returned. Raises `ValueError` naming the keys
     that are not LoRA weights of a supported kind (DoRA, LoHa, convolution LoRA, biases) or,
-    with `params`, that match no Dense layer.
+    with `params`, that match no Dense layer, and naming both sides when the file holds
+    components that `params` lacks (a transformer LoRA given UNet params).
     """
     file = _lora_file(Path(path))
     if file.suffix == ".safetensors":
@@ -103,9 +105,14 @@ def import_lora(
         parts.setdefault(component, {}).setdefault(module, {})[part] = tensor
         keys[component, module].append(key)
     if unknown:
-        raise ValueError(f"{file}: keys that are not LoRA weights of a supported format: {sorted(unknown)}")
+        raise ValueError(f"{file}: {len(unknown)} of {len(tensors)} keys are not LoRA weights of a supported "
+                         f"format (diffusers/peft lora_A/lora_B, kohya lora_down/lora_up): "
+                         f"{files.shortlist(sorted(unknown))}")
     if not parts:
-        raise ValueError(f"{file}: no LoRA weights")
+        raise ValueError(f"{file}: no LoRA weights (the file holds no tensors)")
+    if params is not None and not set(parts) <= set(params):
+        raise ValueError(f"{file}: LoRA for components {sorted(parts)} but params= holds {sorted(params)}; "
+                         f"pass the params of {sorted(set(parts) - set(params))} too, or no params")
     configs = _read_configs(file, metadata)
     out, problems = {}, []
     for component, modules in parts.items():
@@ -118,7 +125,9 @@ def import_lora(
     for component in set(out) & set(params or {}):
         out[component] = _resolve(out[component], params[component], component, keys, problems)
     if problems:
-        raise ValueError(f"{file}: LoRA weights that cannot be used:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{file}: {len(problems)} LoRA modules cannot be used: "
+                         + "; ".join(problems[:5])
+                         + (f"; ... and {len(problems) - 5} more" if len(problems) > 5 else ""))
     return {component: lora.from_paths({_flax_path(component, m): ab for m, ab in adapters.items()})
             for component, adapters in out.items()}
 
@@ -254,6 +263,9 @@ def _read_configs(file: Path, metadata: Mapping[str, str]) -> dict[str, dict[str
         flat = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: lora_adapter_metadata is not valid JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise ValueError(f"{file}: lora_adapter_metadata is a JSON {type(flat).__name__}, expected an object "
+                         "of `component.field` keys")
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         component, _, field = key.rpartition(".")
@@ -274,6 +286,8 @@ def _adapter(parts: Mapping[str, np.ndarray], module: str, config: Mapping[str, 
         if value.size != 1:  # kohya files in the wild carry shape () or (1,)
             raise ValueError(f"alpha of shape {value.shape}: expected one number")
         alpha = float(value.reshape(()))
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha {alpha}: expected a finite number")
     elif config is not None:
         alpha = _config_alpha(config, module, rank)
     else:
@@ -286,19 +300,30 @@ def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
     """Our alpha (scale = alpha / rank) for `module` under a peft `LoraConfig` (defaults r = alpha = 8)."""
     if config.get("use_dora"):
         raise ValueError("DoRA adapters are not supported")
-    r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    r = _pattern_value(config, "rank_pattern", module, config.get("r", 8))
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise ValueError(f"lora_adapter_metadata: rank {r!r} is not an integer")
     if r != rank:
         raise ValueError(f"the metadata gives rank {r} but the weights have rank {rank}")
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    alpha = _pattern_value(config, "alpha_pattern", module, config.get("lora_alpha", 8))
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"lora_adapter_metadata: lora_alpha {alpha!r} is not a finite number")
     # rsLoRA scales by alpha / sqrt(r).
-    return alpha * rank**0.5 if config.get("use_rslora") else alpha
+    return float(alpha) * rank**0.5 if config.get("use_rslora") else float(alpha)
 
 
-def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
-    """peft's `get_pattern_key`: the first pattern matching a suffix of the module name."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
+def _pattern_value(config: Mapping[str, Any], field: str, module: str, default: Any) -> Any:
+    """peft's `get_pattern_key`: the first pattern of `config[field]` matching a suffix of the module name."""
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"lora_adapter_metadata: {field} {patterns!r} is not an object of pattern -> value")
+    for pattern, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except re.error as e:
+            raise ValueError(f"lora_adapter_metadata: {field} key {pattern!r} is not a regular expression "
+                             f"({e})") from None
     return default
 
 

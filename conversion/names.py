@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from conversion.files import shortlist
 from ctcal_jax.paths import LIST_NAMES, Path, join_path, split_key  # noqa: F401  (re-exported)
 
 Rename = Callable[[str], "Path | None"]
@@ -74,16 +75,19 @@ def torch_to_flax(
             mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} -> {tuple(value.shape)}, model expects {tuple(want)}")
             continue
         out[path] = value
-    missing = sorted("/".join(p) for p in targets if p not in out)
+    # A missing parameter is named by the checkpoint key that would fill it (the generic rule).
+    missing = sorted(join_path(p[:-1]) + "." + ("weight" if p[-1] in _WEIGHT_LEAVES else p[-1])
+                     for p in targets if p not in out)
     problems = []
     if mismatched:
-        problems.append("shape mismatches:\n  " + "\n  ".join(mismatched))
+        problems.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:5])
+                        + (f"; ... and {len(mismatched) - 5} more" if len(mismatched) > 5 else ""))
     if unexpected:
-        problems.append(f"unexpected keys (no such parameter): {sorted(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected keys (no such parameter): {shortlist(sorted(unexpected))}")
     if missing:
-        problems.append(f"parameters missing from the checkpoint: {missing}")
+        problems.append(f"{len(missing)} keys missing from the checkpoint: {shortlist(missing)}")
     if problems:
-        raise ValueError(f"{source}: weights do not fit the model config:\n" + "\n".join(problems))
+        raise ValueError(f"{source}: weights do not fit the model config: " + "; ".join(problems))
     return unflatten_dict(out)
 
 

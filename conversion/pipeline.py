@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from conversion import files, known, tiny
 from conversion.encoders import load_encoders
-from conversion.load import COMPONENT_CLASSES, family, load_component
+from conversion.load import COMPONENT_CLASSES, build, family, load_component
 from ctcal_jax import text
 from ctcal_jax.builder import DENOISER, Pipeline
 
@@ -133,9 +133,10 @@ def abstract(config: ml_collections.ConfigDict) -> Pipeline:
     dtype, compute = _dtypes(config)
     modules, params = {}, {}
     for c, cfg in configs.items():
-        cls = files.class_name(cfg, f"{pretrained}/{c}/config.json")
-        conv = family(cls, f"{pretrained}/{c}/config.json")
-        modules[c] = conv.build(cfg, dtype=compute or dtype)
+        config_file = files.component_dir(local, c) / "config.json" if local else f"{pretrained}/{c}/config.json"
+        cls = files.class_name(cfg, config_file)
+        conv = family(cls, config_file)
+        modules[c] = build(conv, cfg, config_file, compute or dtype)
         params[c] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), conv.abstract_params(modules[c], cfg))
     name = DENOISER[fam]
     texts = {c: m for c, m in modules.items() if c.startswith("text_encoder")}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Union
 
@@ -37,12 +38,27 @@ SPATIAL_NOUNS = frozenset(
 
 _MISSING_STANZA = (
     "Stanza's English models (processors tokenize,pos) were not found, or are incomplete, in {dir!r}; "
-    "this code never downloads them. On a machine with network access run\n"
-    "    python -c 'import stanza; stanza.download(\"en\")'\n"
-    "(it writes to ~/stanza_resources, or to $STANZA_RESOURCES_DIR when set), copy that folder to this "
-    "machine and set STANZA_RESOURCES_DIR=/path/to/stanza_resources (or pass resources_dir=). "
+    "this code never downloads them. On a machine with network access run "
+    "`python -c 'import stanza; stanza.download(\"en\")'` (stanza {version} writes to {default}, or to "
+    "$STANZA_RESOURCES_DIR when set), copy that folder to this machine and set "
+    "STANZA_RESOURCES_DIR=/path/to/that/folder (or pass resources_dir=). "
     "Alternatively pass a tagger callable, or the nouns with the data (`given=`)."
 )
+
+
+def _missing_stanza(directory: str) -> str:
+    """The message for missing models, naming the folder this stanza downloads to by default
+    (`~/.cache/stanza/<version>/resources` since stanza 1.10; `~/stanza_resources` before)."""
+    try:
+        import stanza
+        from stanza.resources import common
+    except ImportError:
+        return _MISSING_STANZA.format(dir=directory, version="(not installed)",
+                                      default="~/.cache/stanza/<version>/resources")
+    # common.DEFAULT_MODEL_DIR is $STANZA_RESOURCES_DIR when that was set at import: name the default.
+    default = (os.path.join(common.USER_CACHE_DIR, "resources") if hasattr(common, "USER_CACHE_DIR")
+               else os.path.expanduser("~/stanza_resources"))
+    return _MISSING_STANZA.format(dir=directory, version=stanza.__version__, default=default)
 
 
 def stanza_pipeline(resources_dir: str | None = None):
@@ -62,13 +78,13 @@ def stanza_pipeline(resources_dir: str | None = None):
 def _load_stanza(directory: str):
     found = os.path.isfile(os.path.join(directory, "resources.json")) and os.path.isdir(os.path.join(directory, "en"))
     if not found:
-        raise FileNotFoundError(_MISSING_STANZA.format(dir=directory))
+        raise FileNotFoundError(_missing_stanza(directory))
     import stanza
 
     try:
         return stanza.Pipeline("en", processors="tokenize,pos", dir=directory, download_method=None, verbose=False)
     except (FileNotFoundError, ValueError) as e:  # stanza: missing files, or resources.json without "en"
-        raise FileNotFoundError(_MISSING_STANZA.format(dir=directory)) from e
+        raise FileNotFoundError(_missing_stanza(directory)) from e
 
 
 def document_words(doc: Any) -> list[TaggedWord]:
@@ -147,17 +163,26 @@ def given_spans(prompt: str, given: Given) -> list[tuple[int, int]]:
     """Character spans of nouns the data names: `(start, end)` pairs, or words found in the prompt
     as whole words (case-insensitive; a word listed twice takes its next occurrence). Sorted."""
     spans: list[tuple[int, int]] = []
+    if isinstance(given, str):
+        raise ValueError(f"given={given!r}: expected a list of words or (start, end) spans, not one string")
     for item in given:
         if isinstance(item, str):
+            if not item.strip():
+                raise ValueError(f"given noun {item!r} is empty (prompt {_short(prompt)!r})")
             pattern = r"(?<!\w)" + re.escape(item.strip()) + r"(?!\w)"
             found = [m.span() for m in re.finditer(pattern, prompt, re.IGNORECASE) if m.span() not in spans]
             if not found:
-                raise ValueError(f"given noun {item!r} does not occur (again) as a word in the prompt {prompt!r}")
+                raise ValueError(f"given noun {item!r} does not occur (again) as a word in the prompt "
+                                 f"{_short(prompt)!r}")
             spans.append(found[0])
         else:
+            if (not isinstance(item, (tuple, list)) or len(item) != 2
+                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in item)):
+                raise ValueError(f"given item {str(item)[:40]}: expected a word or a (start, end) pair of ints")
             start, end = (int(v) for v in item)
             if not 0 <= start < end <= len(prompt):
-                raise ValueError(f"given span {(start, end)} is outside the prompt {prompt!r}")
+                raise ValueError(f"given span {(start, end)} is outside the prompt {_short(prompt)!r} "
+                                 f"({len(prompt)} characters)")
             spans.append((start, end))
     return sorted(spans)
 
@@ -178,11 +203,38 @@ def span_positions(
     prompt: str, tokenizer: Any, spans: Sequence[tuple[int, int]], max_length: int | None = None
 ) -> list[list[int]]:
     """Token positions overlapping each character span; spans with no token left after truncation
-    to `max_length` (default `tokenizer.model_max_length`) are dropped."""
+    to `max_length` (default `tokenizer.model_max_length`) are dropped, with a `UserWarning` naming
+    the prompt and the words (also for words truncation cuts in part, or the tokenizer drops)."""
+    limit = max_length or tokenizer.model_max_length
     enc = _encode(prompt, tokenizer, max_length, return_offsets_mapping=True)
-    offsets = [_onto_next_word(prompt, int(ts), int(te)) for ts, te in enc["offset_mapping"]]
+    # A limit below the special tokens' count is exceeded by the tokenizer: positions stay inside it.
+    offsets = [_onto_next_word(prompt, int(ts), int(te)) for ts, te in enc["offset_mapping"]][:limit]
     groups = [[i for i, (ts, te) in enumerate(offsets) if ts < end and te > start] for start, end in spans]
+    _warn_dropped(prompt, spans, groups, offsets, limit)
     return [g for g in groups if g]
+
+
+def _warn_dropped(prompt: str, spans: Sequence[tuple[int, int]], groups: Sequence[Sequence[int]],
+                  offsets: Sequence[tuple[int, int]], limit: int) -> None:
+    """A `UserWarning` naming the prompt and the selected words that lost tokens: cut by truncation
+    (wholly: dropped; in part: fewer positions), or given no token at all by the tokenizer."""
+    covered = max((te for ts, te in offsets if te > ts), default=0)  # end of the last token kept
+    truncated = len(offsets) >= limit
+    is_cut = [truncated and e > covered and not prompt[covered:e].isspace() for s, e in spans]
+    cut = [prompt[s:e] for (s, e), c in zip(spans, is_cut) if c]
+    empty = [prompt[s:e] for (s, e), g, c in zip(spans, groups, is_cut) if not g and not c]
+    short = _short(prompt)
+    if cut:
+        warnings.warn(f"nouns: the prompt {short!r} is truncated to {limit} tokens; selected words past the cut "
+                      f"are dropped or lose their last tokens: {cut}", UserWarning, stacklevel=3)
+    if empty:
+        warnings.warn(f"nouns: the tokenizer gives no token to the selected words {empty} of the prompt {short!r}; "
+                      "they are dropped", UserWarning, stacklevel=3)
+
+
+def _short(prompt: str) -> str:
+    """A prompt cut to 80 characters for messages."""
+    return prompt if len(prompt) <= 80 else prompt[:77] + "..."
 
 
 def _onto_next_word(prompt: str, start: int, end: int) -> tuple[int, int]:

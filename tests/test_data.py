@@ -245,6 +245,10 @@ def test_records_round_trip(tmp_path, sd):
         data.RecordsSource(tmp_path, resolution=32)
     with pytest.raises(FileNotFoundError, match="ctcal_jax.prepare"):
         data.RecordsSource(tmp_path / "nowhere")
+    for text, error in (('{"family": "sd"', "not valid JSON"), ("[1, 2]", r"no \['family', 'max_nouns'")):
+        (tmp_path / records.MANIFEST).write_text(text)
+        with pytest.raises(ValueError, match=error):
+            data.RecordsSource(tmp_path)
 
 
 PROMPTS = tuple((f"a cat and a dog number {i}", ("cat", "dog")) for i in range(10))

@@ -9,6 +9,7 @@ CLIP text encoders (CLIP-L, CLIP-G).
 
 import copy
 import os
+import re
 import types
 
 import jax
@@ -384,6 +385,38 @@ def test_unmatched_and_unsupported_keys_are_named(sd, tmp_path):
               tmp_path / "c.safetensors")
     with pytest.raises(ValueError, match=r"resnets_0_conv1\.lora_down\.weight.*convolution"):
         import_lora(tmp_path / "c.safetensors")
+
+
+def test_scalars_written_0d_and_kohya_alphas_of_either_shape_read(sd, tmp_path):
+    from safetensors.numpy import load_file
+
+    files.write_safetensors(tmp_path / "s.safetensors", {"alpha": np.float32(2.0), "v": np.ones(1, np.float32)})
+    assert {k: v.shape for k, v in load_file(tmp_path / "s.safetensors").items()} == {"alpha": (), "v": (1,)}
+    assert files.read_safetensors(tmp_path / "s.safetensors")[0]["alpha"].shape == ()
+    # The kohya file (alphas of shape () and (1,), written by safetensors.torch) rewritten by our writer:
+    # the shapes survive, and both files import to the same adapters and alphas.
+    file, state = kohya_file(tmp_path, sd)
+    files.write_safetensors(tmp_path / "ours.safetensors", {k: v.numpy() for k, v in state.items()})
+    shapes = {k: v.shape for k, v in load_file(tmp_path / "ours.safetensors").items() if k.endswith(".alpha")}
+    assert set(shapes.values()) == {(), (1,)} and shapes == {k: tuple(state[k].shape) for k in shapes}
+    ours = import_lora(tmp_path / "ours.safetensors", params=sd.params)
+    jax.tree.map(np.testing.assert_array_equal, ours, import_lora(file, params=sd.params))
+    assert {lora.alpha(ab) for ab in by_module(ours["unet"]).values()} == {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_lora_for_components_params_lack_and_non_lora_files(sd, tmp_path):
+    from safetensors.torch import save_file
+
+    ab = {"lora_A.weight": torch.ones(2, 32), "lora_B.weight": torch.ones(32, 2)}
+    save_file({f"transformer.transformer_blocks.0.attn.to_q.{k}": v for k, v in ab.items()}, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match=r"components \['transformer'\] but params= holds \['unet'\]"):
+        import_lora(tmp_path / "t.safetensors", params={"unet": sd.params["unet"]})
+    # A full model's weights: the count of keys and the first few, on one short line.
+    with pytest.raises(ValueError) as e:
+        import_lora(sd.folder / "unet" / "diffusion_pytorch_model.safetensors")
+    msg = str(e.value)
+    assert re.search(r"\d+ of \d+ keys are not LoRA weights.*\.\.\. and \d+ more$", msg), msg
+    assert "\n" not in msg and len(msg) < 600, msg
 
 
 def test_export_is_atomic(sd, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 adjectives, and word -> token positions with the real CLIP BPE and a SentencePiece (T5) tokenizer."""
 
 import io
+import os
+import warnings
 
 import numpy as np
 import pytest
@@ -111,10 +113,18 @@ def test_given_nouns(clip):
         nouns.noun_token_groups(prompt, clip, given=["dog", "dog", "dog"])
 
 
-def test_truncated_words_are_dropped(clip):
+def test_truncated_words_are_dropped_with_a_warning(clip):
     prompt = " ".join(["a"] * 80) + " dog"
-    assert nouns.noun_token_groups(prompt, clip, given=["dog"]) == []
-    assert nouns.noun_token_groups("a small dog", clip, given=["dog"], max_length=3) == []
+    with pytest.warns(UserWarning, match=r"'a a a .{60,80}\.\.\.' is truncated to 77 tokens.*\['dog'\]"):
+        assert nouns.noun_token_groups(prompt, clip, given=["dog"]) == []
+    with pytest.warns(UserWarning, match=r"'a small dog' is truncated to 3 tokens.*\['dog'\]"):
+        assert nouns.noun_token_groups("a small dog", clip, given=["dog"], max_length=3) == []
+    # A tagger's nouns past the cut too; nothing dropped, no warning.
+    with pytest.warns(UserWarning, match=r"\['dog'\]"):
+        assert nouns.noun_token_groups(prompt, clip, lambda p: [("dog", "NOUN", len(p) - 3, len(p))]) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert nouns.noun_token_groups("a small dog", clip, given=["dog"]) == [[3]]
 
 
 def test_missing_stanza_models_error(clip, tmp_path, monkeypatch):
@@ -123,6 +133,10 @@ def test_missing_stanza_models_error(clip, tmp_path, monkeypatch):
         nouns.noun_token_groups("a dog", clip)
     msg = str(info.value)
     assert 'stanza.download("en")' in msg and "STANZA_RESOURCES_DIR" in msg and str(tmp_path) in msg
+    # The folder this stanza downloads to (1.10+: ~/.cache/stanza/<version>/resources), not ~/stanza_resources.
+    from stanza.resources.common import USER_CACHE_DIR
+
+    assert os.path.join(USER_CACHE_DIR, "resources") in msg and "~/stanza_resources" not in msg, msg
     # resources.json without the English models: the same message, Stanza's own error chained.
     (tmp_path / "resources.json").write_text("{}")
     (tmp_path / "en").mkdir()
@@ -190,6 +204,16 @@ def test_t5_sentencepiece_word_boundaries(t5, metaspace_only):
     groups = nouns.noun_token_groups(prompt, tok, doc)
     assert groups == expected
     assert groups[0] == [1, 2, 3, 4, 5]  # the "▁" piece at position 1 belongs to "giraffe"
+
+
+def test_t5_nouns_past_sd3s_256_tokens_warn(t5):
+    tok, _ = t5
+    prompt = "a cat and a dog " * 60 + "near a teddy bear"
+    doc = [("cat", "NOUN", 2, 5), ("teddy", "NOUN", len(prompt) - 10, len(prompt) - 5),
+           ("bear", "NOUN", len(prompt) - 4, len(prompt))]
+    with pytest.warns(UserWarning, match=r"truncated to 256 tokens.*\['teddy bear'\]"):
+        groups = nouns.noun_token_groups(prompt, tok, lambda p: doc, max_length=256)
+    assert len(groups) == 1  # "cat" only
 
 
 def test_t5_real_token_mask(t5):

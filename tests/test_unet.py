@@ -191,8 +191,34 @@ def test_unknown_class_and_wrong_component(tmp_path, saved_sd1):
 def test_unsupported_config_value_is_named(tmp_path, saved_sd1):
     cfg = json.loads((saved_sd1 / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "addition_embed_type": "text_time"}))
-    with pytest.raises(ValueError, match="addition_embed_type"):
+    with pytest.raises(ValueError, match="addition_embed_type") as e:
         load_component(tmp_path, "unet")
+    assert str(e.value).startswith(f"{tmp_path / 'config.json'}: "), e.value  # the folder, not only config.json
+
+
+def test_component_subfolder_without_model_index_loads(tmp_path, saved_sd1):
+    # A partial download: `unet/` and nothing else, which diffusers loads with subfolder="unet".
+    (tmp_path / "unet").symlink_to(saved_sd1, target_is_directory=True)
+    theirs = TorchUNet.from_pretrained(tmp_path, subfolder="unet")
+    _, params = load_component(tmp_path, "unet")
+    np.testing.assert_array_equal(params["conv_in"]["kernel"],
+                                  theirs.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+    with pytest.raises(FileNotFoundError, match="vae/config.json"):
+        load_component(tmp_path, "vae")
+
+
+def test_missing_tensor_is_named_by_its_checkpoint_key(tmp_path, saved_sd1):
+    from conversion import files
+
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "config.json").write_text((saved_sd1 / "config.json").read_text())
+    state, _ = files.read_safetensors(saved_sd1 / weights.name)
+    files.write_safetensors(weights, {k: v for k, v in state.items() if k != "conv_in.weight"})
+    with pytest.raises(ValueError) as e:
+        load_component(tmp_path, "unet")
+    msg = str(e.value)
+    assert msg.startswith(f"{weights}: ") and "['conv_in.weight']" in msg and "conv_in/kernel" not in msg, msg
+    assert "\n" not in msg and len(msg) < 400, msg
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path, saved_sd1):

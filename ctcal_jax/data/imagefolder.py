@@ -9,8 +9,9 @@ An example: `images` `[R, R, 3]` float32 in [-1, 1] (`images.load_image`, R = re
 the text arrays (`examples.text_example`). When some row carries a reward, every example has one;
 rows without take 1.0 (SPEC §3: weight 1 when the data has none).
 
-Bad rows (`bad_rows`): malformed JSON, a missing `file_name`/`text`, an empty prompt, a given noun
-that is not a word of the prompt and a missing file are found when the folder is opened (cheap, no
+Bad rows (`bad_rows`): a line that is not UTF-8, malformed JSON, a missing `file_name`/`text`, an
+empty prompt or one with lone surrogates, a reward that is not a finite number, a given noun that is
+empty or not a word of the prompt and a missing file are found when the folder is opened (cheap, no
 image is read); an unreadable or too-small image when its example is loaded (in grain's worker
 processes too). Line numbers count from 1.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ def parse_line(raw: str, line: int, folder: Path) -> Row:
     """One metadata line -> `Row`, with `bad` set when a cheap check fails (module docstring)."""
     try:
         obj = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         return Row(line, None, "", None, None, f"malformed JSON: {e}")
     if not isinstance(obj, dict):
         return Row(line, None, "", None, None, f"expected a JSON object, got {type(obj).__name__}")
@@ -63,11 +65,13 @@ def parse_line(raw: str, line: int, folder: Path) -> Row:
         return bad("no text (prompt)")
     if not prompt.strip():
         return bad("empty prompt")
-    if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
-        return bad(f"reward {reward!r} is not a number")
+    if not _is_unicode(prompt):
+        return bad(f"text {prompt[:80]!r} holds a lone surrogate (\\ud800-\\udfff escape), not Unicode text")
+    if reward is not None and not _finite_number(reward):
+        return bad(f"reward {str(reward)[:40]} is not a finite number")
     if given is not None:
-        if not isinstance(given, list) or not all(isinstance(g, str) for g in given):
-            return bad(f"nouns {given!r} is not a list of strings")
+        if not isinstance(given, list) or not all(isinstance(g, str) and g.strip() and _is_unicode(g) for g in given):
+            return bad(f"nouns {str(given)[:80]} is not a list of non-empty strings")
         try:
             nouns.given_spans(prompt, given)
         except ValueError as e:
@@ -78,15 +82,43 @@ def parse_line(raw: str, line: int, folder: Path) -> Row:
     return Row(line, file_name, prompt, given, None if reward is None else float(reward))
 
 
+def _finite_number(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates, which JSON escapes allow and no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_metadata(folder: str | Path) -> list[Row]:
-    """Every non-blank line of `folder/metadata.jsonl` as a `Row`, in file order."""
+    """Every non-blank line of `folder/metadata.jsonl` as a `Row`, in file order. A line that is not
+    UTF-8 is a bad row; a byte-order mark at the start of the file is ignored."""
     folder = Path(folder)
     file = folder / METADATA
     if not file.is_file():
         raise FileNotFoundError(f"{file}: an image folder needs a {METADATA} (one JSON object per line: "
                                 '{"file_name": ..., "text": ...})')
-    with open(file, encoding="utf-8") as f:
-        return [parse_line(raw, i, folder) for i, raw in enumerate(f, start=1) if raw.strip()]
+    rows = []
+    with open(file, "rb") as f:
+        for i, data in enumerate(f, start=1):
+            try:
+                raw = data.decode("utf-8-sig" if i == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                rows.append(Row(i, None, "", None, None, f"not UTF-8 text ({e})"))
+                continue
+            if raw.strip():
+                rows.append(parse_line(raw, i, folder))
+    return rows
 
 
 class ImageFolderSource:

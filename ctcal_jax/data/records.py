@@ -62,7 +62,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{file} not found: prepare the data with `python -m ctcal_jax.prepare "
                                 f"--pretrained MODEL --data IMAGE_FOLDER --out {folder}` (a re-run finishes an "
                                 "interrupted one)")
-    return json.loads(file.read_text())
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); re-run `python -m ctcal_jax.prepare` to rewrite it") from None
+    required = {"family", "resolution", "max_nouns", "shards"}
+    missing = sorted(required - set(manifest)) if isinstance(manifest, dict) else sorted(required)
+    if missing:
+        raise ValueError(f"{file}: not a prepared-data manifest (no {missing}); re-run `python -m ctcal_jax.prepare`")
+    return manifest
 
 
 class RecordsSource:
