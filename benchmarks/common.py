@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -196,6 +197,13 @@ def write_json(path: Path | None, results: dict[str, Any]) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def run_record(runs: int) -> dict[str, Any]:
+    """What every benchmark's JSON records about the run: the device (and the OpenMP wait policy the
+    scripts set), the command line, the timed repetitions."""
+    return {"device": {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "runs": runs}
 
 
 def describe_device() -> dict[str, Any]:

@@ -64,7 +64,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    SD21_UNET, UNetMapsProcessor, abstract_model, captured_unet_layers, count_params, describe_device, jax_params,
+    SD21_UNET, UNetMapsProcessor, abstract_model, captured_unet_layers, count_params, jax_params, run_record,
     time_round_robin_all, to_torch_device, torch_device, torch_model, torch_sync, write_json,
 )
 from benchmarks.ctcal_torch import gaussian_kernel_2d, smooth, take_maps  # noqa: E402
@@ -335,9 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{results['torch_params'] / 1e6:.2f} M, ctcal_jax (abstract) {results['jax_params'] / 1e6:.2f} M "
               f"(match: {results['params_match']}); refine traced in {results['trace_s']:.1f} s -> {results['output']}")
         return write_json(args.json, results)
-    results.update({"device": {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-                    "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "runs": runs,
-                    **run(preset, runs, args.warmup)})
+    results.update({**run_record(runs), **run(preset, runs, args.warmup)})
     print_report(results)
     return write_json(args.json, results)
 

@@ -61,7 +61,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    abstract_model, class_name, count_params, describe_device, time_round_robin_all, torch_device, torch_model,
+    abstract_model, class_name, count_params, run_record, time_round_robin_all, torch_device, torch_model,
     torch_sync, write_json,
 )
 from conversion import known, tiny  # noqa: E402
@@ -419,9 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.update(dry_run(preset, args.decode))
         print_dry_run(results)
         return write_json(args.json, results)
-    results.update({"device": {**describe_device(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
-                    "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "runs": runs,
-                    **run(preset, runs, args.warmup, args.decode, args.breakdown)})
+    results.update({**run_record(runs), **run(preset, runs, args.warmup, args.decode, args.breakdown)})
     print_report(results)
     return write_json(args.json, results)
 
