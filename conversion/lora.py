@@ -77,7 +77,8 @@ def import_lora(
         single `.safetensors` file).
       params: optional `{component: params}`. Module names of those components are then resolved
         against the params' Dense layers (kohya names exactly; `text_model.` either way) and
-        checked against the kernel shapes.
+        checked against the kernel shapes; the file's other components come back unchecked. A
+        file sharing no component with `params` (a transformer LoRA given UNet params) is an error.
       allow_pickle: read a `.bin/.pt/.ckpt` file with `torch.load(weights_only=True)`.
 
     Only the components present in the file are returned. Raises `ValueError` naming the keys
@@ -110,9 +111,9 @@ def import_lora(
                          f"{files.shortlist(sorted(unknown))}")
     if not parts:
         raise ValueError(f"{file}: no LoRA weights (the file holds no tensors)")
-    if params is not None and not set(parts) <= set(params):
-        raise ValueError(f"{file}: LoRA for components {sorted(parts)} but params= holds {sorted(params)}; "
-                         f"pass the params of {sorted(set(parts) - set(params))} too, or no params")
+    if params is not None and not set(parts) & set(params):
+        raise ValueError(f"{file}: LoRA for components {sorted(parts)} but params= holds {sorted(params)}: "
+                         f"none of them; pass the params of the file's components, or no params")
     configs = _read_configs(file, metadata)
     out, problems = {}, []
     for component, modules in parts.items():

@@ -120,7 +120,7 @@ def test_sd3_pipeline_trajectory_equals_diffusers(sd3, dynamic):
 def test_any_resolution_equals_diffusers(sd2):
     """A non-square size that is not the model's default (latents 24×40)."""
     _, ref, pipe = sd2
-    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(scheduler_config(ref))
+    ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler)  # the folder's, as ours
     x = np.random.default_rng(5).standard_normal((1, 24, 40, 4)).astype(np.float32)
     steps, final = run_diffusers(ref, x, prompt="a long red train", num_inference_steps=3, height=192, width=320)
     ours = sampling.generate(pipe, "a long red train", num_inference_steps=3, scheduler="euler", latents=x,
