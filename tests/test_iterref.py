@@ -184,3 +184,21 @@ def test_refine_keeps_dtype_and_zero_iterations(z0):
     assert out.dtype == jnp.bfloat16
     same = iterref.refine(toy_denoise, z0, 0.0, [[1], [2]], n_iters=0, lr=0.05, token_mask=MASK)
     np.testing.assert_array_equal(np.asarray(same), np.asarray(z0))
+
+
+def test_batch_loss_averages_the_streams():
+    """SD3: the CLIP and T5 streams are processed separately (each its own re-weighting softmax) and
+    their losses averaged (SPEC §6)."""
+
+    rng = np.random.default_rng(0)
+    attn = jnp.asarray(rng.random((2, 8, 8, 12)), jnp.float32)
+    weights = np.zeros((2, 4, 12), np.float32)
+    weights[:, 0, 1], weights[:, 1, [2, 3]] = 1.0, 0.5  # stream 1 (positions 0..5)
+    weights[:, 0, 7], weights[:, 1, 9] = 1.0, 1.0       # stream 2 (positions 6..11)
+    mask = np.zeros((2, 12), bool)
+    mask[:, 1:5], mask[:, 6:11] = True, True
+    both = iterref.batch_loss(attn, weights, mask, streams=((0, 6), (6, 12)))
+    first = iterref.batch_loss(attn[..., :6], weights[..., :6], mask[:, :6])
+    second = iterref.batch_loss(attn[..., 6:], weights[..., 6:], mask[:, 6:])
+    np.testing.assert_allclose(both, (first + second) / 2, rtol=1e-6)
+    assert abs(float(first) - float(second)) > 1e-4  # the average is not one stream's loss
