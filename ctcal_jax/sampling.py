@@ -16,6 +16,8 @@ learning rate) is an argument of that program, so sweeping over them compiles on
   adapters are gated per sample to be active exactly while TACA is (`lora_with_taca`).
 - IterRef (`iterref=IterRef(step=k, lr=...)`): at step k, before the update, Adam on the latent
   through a conditional-only forward with captured maps (SPEC §6), inside the loop (`lax.cond`).
+- Latents are carried in float32 between steps whatever the pipeline's dtype (diffusers keeps them
+  in the pipeline's dtype; a bf16 pipeline therefore rounds less here).
 - Seeds: sample b's initial noise is `normal(fold_in(key(seed_b), 0))` and DDPM's noise at step i
   `normal(fold_in(fold_in(key(seed_b), 1), i))`: a sample does not change with the batch it is in.
 
