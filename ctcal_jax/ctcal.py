@@ -189,6 +189,7 @@ def ctcal_terms(
     loss = l1 * terms["pixel"]
 
     if config.semantic:
+        _check_autoencoder(ae_params, student.shape[1:3])
         ae = MapAutoencoder(h)
         x_stu, x_tea = _one_map_per_row(a_stu), _one_map_per_row(a_tea)
         code_stu = ae.apply({"params": ae_params}, x_stu, method="encode")
@@ -204,6 +205,20 @@ def ctcal_terms(
         terms["balance"] = noun_mean(jax.nn.relu(top - peaks - config.tau))
         loss = loss + l4 * terms["balance"]
     return loss, terms
+
+
+def _check_autoencoder(ae_params: Any, map_shape: tuple[int, int]) -> None:
+    """The semantic terms need the map autoencoder's params, built for the captured maps' size."""
+    if ae_params is None:
+        raise ValueError('ctcal: the semantic terms (config.semantic) need the map autoencoder: put '
+                         '`ctcal.init_autoencoder(rng, r)` (r = the maps\' side) in the trainable tree as "ae", '
+                         'or turn ctcal.semantic off')
+    stages = sum(1 for name in ae_params if str(name).startswith("encoder_"))
+    size = MapAutoencoder.code_size * 2**stages
+    if map_shape != (size, size):
+        raise ValueError(f"ctcal: the map autoencoder was built for {size}×{size} maps "
+                         f"(init_autoencoder(rng, {size})) but the captured maps are {map_shape[0]}×{map_shape[1]}; "
+                         f"build it for {map_shape[0]} (config.ctcal.map_resolution) or capture {size}×{size} maps")
 
 
 def adaptive_weight(t_stu: jax.Array, config: CTCALConfig) -> jax.Array:

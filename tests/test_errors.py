@@ -123,3 +123,22 @@ def test_the_arrays_given_to_init_state_survive_a_donating_step():
     step = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
     state = step(state)
     assert float(params["w"].sum()) == 16.0 and float(state["params"]["w"].sum()) == 32.0
+
+
+def test_map_autoencoder_mismatches():
+    import jax
+
+    from ctcal_jax import ctcal
+
+    cfg = ctcal.CTCALConfig()
+    maps = jnp.ones((1, 16, 16, 77)) / 77
+    weights = jnp.zeros((1, 2, 77)).at[0, 0, 1].set(1.0)
+    mask = jnp.zeros((1, 77), bool).at[0, 1:4].set(True)
+    with pytest.raises(ValueError) as e:
+        ctcal.ctcal_terms(maps, maps, weights, mask, ctcal.init_autoencoder(jax.random.key(0), 32), cfg)
+    one_line(e, "built for 32×32 maps", "captured maps are 16×16")
+    with pytest.raises(ValueError) as e:
+        ctcal.ctcal_terms(maps, maps, weights, mask, None, cfg)
+    one_line(e, 'the semantic terms (config.semantic) need the map autoencoder')
+    loss, _ = ctcal.ctcal_terms(maps, maps, weights, mask, ctcal.init_autoencoder(jax.random.key(0), 16), cfg)
+    assert np.isfinite(np.asarray(loss)).all()
