@@ -59,6 +59,19 @@ def load_pipeline(path: str | Path, dtype: Any = jnp.float32, *, compute_dtype: 
 
 
 @dataclasses.dataclass(frozen=True)
+class _IterRefStatic:
+    """IterRef's settings that shape the program (its step, lr and subjects are arguments)."""
+
+    n_iters: int
+    loss: str
+    eps: float
+    kernel_size: int
+    sigma: float
+    streams: tuple[tuple[int, int], ...]
+    gsn: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class _Static:
     """What one compiled program is specialised to (everything else is an argument)."""
 
@@ -67,7 +80,7 @@ class _Static:
     taca: bool
     taca_cond_only: bool
     lora_gated: bool
-    iterref: tuple[Any, ...] | None
+    iterref: _IterRefStatic | None
     capture: AttnCapture | None
     decode: bool
     trajectory: bool
@@ -155,7 +168,7 @@ def generate(
     tokens = {c: jnp.asarray(t["input_ids"]) for c, t in text.tokenize_prompts(pipe.encoders, prompts).items()}
     neg_tokens = {c: jnp.asarray(t["input_ids"]) for c, t in text.tokenize_prompts(pipe.encoders, negatives).items()}
     adapters = _loras(pipe, lora)
-    ir_static, ir_args = _iterref_inputs(pipe, prompts, iterref, plan.num_steps, h)
+    ir_static, ir_args = _iterref_inputs(pipe, prompts, iterref, plan.num_steps)
     capture = _capture(pipe, iterref, h) if (iterref is not None or return_attn) else None
     static = _Static(plan.static(), guidance_scale > 1, taca is not None, taca_cond_only,
                      taca is not None and lora_with_taca and pipe.denoiser_name in adapters, ir_static, capture,
@@ -304,8 +317,8 @@ def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[S
     return (np.pad(weights, ((0, 0), (0, 0), (0, pad))), np.pad(masks, ((0, 0), (0, pad))))
 
 
-def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.IterRef | None, n_steps: int, h: int
-                    ) -> tuple[tuple[Any, ...] | None, dict[str, jax.Array]]:
+def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.IterRef | None, n_steps: int
+                    ) -> tuple[_IterRefStatic | None, dict[str, jax.Array]]:
     if ir is None:
         return None, {}
     if not 0 <= ir.step < n_steps:
@@ -314,7 +327,7 @@ def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.Iter
     kernel = ir.kernel_size or (5 if pipe.family == "sd3" else 3)
     spans = stream_spans(pipe)
     gsn = ir.gsn_steps or (0, 0)
-    static = (ir.n_iters, ir.loss, ir.eps, kernel, ir.sigma, tuple(spans), ir.gsn_steps is not None)
+    static = _IterRefStatic(ir.n_iters, ir.loss, ir.eps, kernel, ir.sigma, tuple(spans), ir.gsn_steps is not None)
     args = {"step": jnp.int32(ir.step), "lr": jnp.float32(ir.lr), "weights": jnp.asarray(weights),
             "mask": jnp.asarray(mask), "gsn": jnp.asarray(gsn, jnp.int32), "gsn_lr": jnp.float32(ir.gsn_lr)}
     return static, args
@@ -362,17 +375,16 @@ def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae
             return denoise(params, adapters, samplers.scale_model_input(p, z, tab), t, cond, taca, gate, s.capture)
 
         def subject_objective(z, t, tab):
-            n_iters, loss, eps, kernel, sigma, spans, _ = s.iterref
+            c = s.iterref
             _, aux = cond_forward(z, t, tab)
-            return iterref_lib.batch_loss(aux["attn"], d["iterref"]["weights"], d["iterref"]["mask"], loss=loss,
-                                          kernel_size=kernel, sigma=sigma, streams=spans)
+            return iterref_lib.batch_loss(aux["attn"], d["iterref"]["weights"], d["iterref"]["mask"], loss=c.loss,
+                                          kernel_size=c.kernel_size, sigma=c.sigma, streams=c.streams)
 
         def refine(z, t, tab):
-            n_iters, loss, eps, kernel, sigma, spans, _ = s.iterref
-            ir = d["iterref"]
-            return iterref_lib.refine(lambda zz, tt: cond_forward(zz, tt, tab), z, t, ir["weights"], n_iters=n_iters,
-                                      lr=ir["lr"], loss=loss, eps=eps, token_mask=ir["mask"], kernel_size=kernel,
-                                      sigma=sigma, streams=spans)
+            c, ir = s.iterref, d["iterref"]
+            return iterref_lib.refine(lambda zz, tt: cond_forward(zz, tt, tab), z, t, ir["weights"],
+                                      n_iters=c.n_iters, lr=ir["lr"], loss=c.loss, eps=c.eps, token_mask=ir["mask"],
+                                      kernel_size=c.kernel_size, sigma=c.sigma, streams=c.streams)
 
         def body(carry, xs):
             x, attn_sum = carry
@@ -380,7 +392,7 @@ def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae
             if s.iterref is not None:
                 ir = d["iterref"]
                 x = jax.lax.cond(i == ir["step"], lambda z: refine(z, t, tab), lambda z: z, x)
-                if s.iterref[-1]:
+                if s.iterref.gsn:
                     in_range = (i >= ir["gsn"][0]) & (i < ir["gsn"][1])
                     x = jax.lax.cond(in_range, lambda z: z - ir["gsn_lr"] * jax.grad(subject_objective)(z, t, tab),
                                      lambda z: z, x)
