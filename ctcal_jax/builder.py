@@ -23,6 +23,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from ctcal_jax import config as config_lib
 from ctcal_jax import ctcal, lora, schedules, text
 from ctcal_jax.attention import TACA
 from ctcal_jax.families import mmdit as mmdit_family
@@ -169,6 +170,7 @@ def build(
       trainable: the initial trainable tree; default `init_trainable(config, pipeline, key(seed))`.
         With an abstract pipeline the state is abstract too (`jax.ShapeDtypeStruct`s).
     """
+    config_lib.check(config)
     mesh = mesh or mesh_from_config(config)
     frozen = dict(pipeline.params)
     abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))

@@ -89,3 +89,48 @@ def int_tuple(where: str, name: str, value: Any, *, allow_none: bool = False) ->
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
         raise ValueError(f"{where}: {name} must be a tuple of ints{' or None' if allow_none else ''}, "
                          f"e.g. {name}=(16,), got {value!r}")
+
+
+def train_batch(batch: Any, *, text_inputs: Sequence[str], streams: Mapping[str, tuple[Any, str, str]]) -> None:
+    """A training batch as the step reads it (`train_step` module docstring): the latents or images,
+    `input_ids` of every text encoder (`text_encoder_3` may be replaced by precomputed `t5_embeds`),
+    each stream's `[B, N, T]` noun weights and `[B, T]` token mask, an optional `[B]` reward, and one
+    batch size throughout."""
+    where = "train step batch"
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"{where}: expected a dict of arrays, got {type(batch).__name__}")
+    keys = sorted(batch)
+    if "latents" not in batch and "images" not in batch:
+        raise ValueError(f"{where}: expected 'latents' [B, h, w, C] or 'images' [B, H, W, 3], got keys {shorten(keys)}")
+    ids = batch.get("input_ids")
+    if not isinstance(ids, Mapping):
+        raise ValueError(f"{where}: expected 'input_ids', a dict {{text encoder: [B, T] token ids}}, got "
+                         f"{'no such key' if ids is None else type(ids).__name__} (keys {shorten(keys)})")
+    needed = [c for c in text_inputs if not (c == "text_encoder_3" and "t5_embeds" in batch)]
+    missing = [c for c in needed if c not in ids]
+    if missing:
+        raise ValueError(f"{where}: input_ids lacks {shorten(missing)} (has {shorten(sorted(ids))}; the pipeline's "
+                         f"text encoders are {shorten(text_inputs)})")
+    images = "latents" if "latents" in batch else "images"
+    array(where, images, batch[images], ndim=4, last=3 if images == "images" else None, layout="[B, H, W, C]")
+    for c in needed:
+        array(where, f"input_ids[{c!r}]", ids[c], ndim=2, layout="[B, T]")
+    for _, weights_key, mask_key in streams.values():
+        for key in (weights_key, mask_key):
+            if key not in batch:
+                raise ValueError(f"{where}: the CTCAL objective reads {key!r}, which the batch lacks "
+                                 f"(keys {shorten(keys)}); data sources add it from the prompt's nouns")
+        array(where, weights_key, batch[weights_key], ndim=3, layout="[B, N, T]")
+        array(where, mask_key, batch[mask_key], ndim=2, layout="[B, T]")
+        if _shape(batch[weights_key])[2] != _shape(batch[mask_key])[1]:
+            raise ValueError(f"{where}: {weights_key} {_shape(batch[weights_key])} and {mask_key} "
+                             f"{_shape(batch[mask_key])} must have the same token axis T")
+    if "reward" in batch:
+        array(where, "reward", batch["reward"], ndim=1, layout="[B]")
+    arrays = [(images, batch[images])] + [(f"input_ids[{c!r}]", ids[c]) for c in needed] + [
+        (k, v) for k, v in batch.items() if k not in (images, "input_ids")]
+    batch_of = [(name, x) for name, x in arrays if _shape(x)]
+    batch_sizes = {name: _shape(x)[0] for name, x in batch_of}
+    if len(set(batch_sizes.values())) > 1:
+        raise ValueError(f"{where}: every array needs the same batch size B on its first axis, got "
+                         f"{shorten(f'{k} {v}' for k, v in batch_sizes.items())}")

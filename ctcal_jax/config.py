@@ -38,6 +38,7 @@ setting. Keys (API.md's "every training config has" marked *):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -109,6 +110,43 @@ def sd3_defaults(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.sample.num_inference_steps = 28
     c.sample.guidance_scale = 7.0
     return c
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+    """The values a run cannot start with, each a one-line ValueError naming the key (types are the
+    locked ConfigDict's; this checks ranges). `builder.build` calls it."""
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            value = c
+            for part in key.split("."):
+                value = value[part]
+            raise ValueError(f"config.{key}={value!r}: expected {expected}")
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(c.batch_size >= 1, "batch_size", "a positive number of examples per step (all hosts)")
+    need(c.total_steps >= 1, "total_steps", "at least 1")
+    need(c.optim.accum_steps >= 1, "optim.accum_steps", "at least 1 (micro-batches per step)")
+    need(c.lora.rank >= 1, "lora.rank", "at least 1")
+    need(finite(c.lora.alpha) and c.lora.alpha > 0, "lora.alpha", "a finite number > 0 (the scale is alpha / rank)")
+    need(len(c.optim.groups) > 0, "optim.groups", "at least one (regex, lr, weight decay) group")
+    for i, group in enumerate(c.optim.groups):
+        ok = len(group) == 3 and finite(group[1]) and group[1] >= 0 and finite(group[2]) and group[2] >= 0
+        need(ok, "optim.groups", f"(regex, lr ≥ 0, weight decay ≥ 0) triples; group {i} is {tuple(group)!r}")
+    need(finite(c.optim.max_grad_norm) and c.optim.max_grad_norm >= 0, "optim.max_grad_norm", "≥ 0 (0: no clipping)")
+    need(c.optim.warmup_steps >= 0, "optim.warmup_steps", "≥ 0")
+    need(finite(c.taca.gamma) and c.taca.gamma > 0, "taca.gamma", "a finite temperature > 0 (SPEC §4: 1.2)")
+    need(finite(c.taca.t_threshold) and 0 <= c.taca.t_threshold <= c.num_train_timesteps, "taca.t_threshold",
+         f"a timestep in [0, num_train_timesteps={c.num_train_timesteps}]")
+    need(len(c.ctcal.lambdas) == 4 and all(finite(x) and x >= 0 for x in c.ctcal.lambdas), "ctcal.lambdas",
+         "four finite weights ≥ 0 (λ1..λ4, SPEC §3)")
+    need(finite(c.ctcal.tau) and c.ctcal.tau > 0, "ctcal.tau", "a finite temperature > 0")
+    need(c.ctcal.teacher_t < c.num_train_timesteps, "ctcal.teacher_t",
+         f"-1 (the sampler's priority timestep) or a timestep below num_train_timesteps={c.num_train_timesteps}")
+    need(c.log_every >= 1 and c.checkpoint_every >= 1, "log_every" if c.log_every < 1 else "checkpoint_every",
+         "at least 1 step")
 
 
 # The paper's ablations (Table 4; Table 6 for adjectives), as `--config configs/X.py:NAME` variants.

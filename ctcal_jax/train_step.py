@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from ctcal_jax import ctcal
+from ctcal_jax import checks, ctcal
 from ctcal_jax.sharding import batch_sharding, replicated
 
 State = dict[str, Any]
@@ -49,11 +49,13 @@ class Family:
         the CTCAL loss is averaged over streams. Empty without CTCAL.
       ctcal: the CTCAL loss configuration (weights, smoothing, ablations); None for an objective
         without it (the diffusion loss alone).
+      text_inputs: the text encoders whose `input_ids` the batch carries (checked while tracing).
     """
 
     forward: Callable[..., dict[str, jax.Array]]
     streams: Mapping[str, tuple[slice, str, str]]
     ctcal: ctcal.CTCALConfig | None
+    text_inputs: tuple[str, ...] = ()
 
 
 def loss_fn(family: Family, trainable: Any, frozen: Any, batch: Batch, rng: jax.Array):
@@ -92,6 +94,7 @@ def make_step_fn(family: Family, optimizer: optax.GradientTransformation, accum_
     grad_fn = jax.value_and_grad(lambda p, f, b, r: loss_fn(family, p, f, b, r), has_aux=True)
 
     def step(frozen, state: State, batch: Batch, rng: jax.Array):
+        checks.train_batch(batch, text_inputs=family.text_inputs, streams=family.streams)
         params = state["params"]
         rng = jax.random.fold_in(rng, state["step"])
         micro = _split_micro(batch, accum_steps)

@@ -142,3 +142,60 @@ def test_map_autoencoder_mismatches():
     one_line(e, 'the semantic terms (config.semantic) need the map autoencoder')
     loss, _ = ctcal.ctcal_terms(maps, maps, weights, mask, ctcal.init_autoencoder(jax.random.key(0), 16), cfg)
     assert np.isfinite(np.asarray(loss)).all()
+
+
+@pytest.mark.parametrize("key,value,needles", [
+    ("lora.rank", 0, ["config.lora.rank=0", "at least 1"]),
+    ("lora.alpha", -4.0, ["config.lora.alpha=-4.0"]),
+    ("optim.groups", ((r".*", -1e-3, 0.0),), ["config.optim.groups", "lr ≥ 0", "group 0"]),
+    ("optim.groups", (), ["at least one"]),
+    ("optim.accum_steps", 0, ["config.optim.accum_steps=0"]),
+    ("batch_size", 0, ["config.batch_size=0"]),
+    ("taca.gamma", float("nan"), ["config.taca.gamma=nan", "> 0"]),
+    ("taca.gamma", 0.0, ["config.taca.gamma=0.0"]),
+    ("ctcal.lambdas", (0.01, 1.0, -1.0, 0.1), ["config.ctcal.lambdas", "≥ 0"]),
+    ("ctcal.teacher_t", 2000.0, ["config.ctcal.teacher_t=2000.0", "num_train_timesteps=1000"]),
+])
+def test_config_values_a_run_cannot_start_with(key, value, needles):
+    """`builder.build` refuses them with the key's name, before any model is touched."""
+    from ctcal_jax import builder
+    from ctcal_jax import config as config_lib
+
+    c = config_lib.base_config()
+    section, name = key.split(".") if "." in key else (None, key)
+    (c[section] if section else c)[name] = value
+    with pytest.raises(ValueError) as e:
+        builder.build(c, pipeline=None)
+    one_line(e, *needles)
+    config_lib.check(config_lib.base_config())  # the defaults pass
+
+
+def test_train_batch_arguments():
+    """The step's batch is checked while tracing: missing keys, a lacking text encoder, mixed batch
+    sizes and a token-axis mismatch name the key (the models' own checks cover the latents' layout)."""
+    from ctcal_jax import checks
+
+    streams = {"clip": (slice(None), "noun_weights", "token_mask")}
+    good = {"latents": np.zeros((2, 8, 8, 4)), "input_ids": {"text_encoder": np.zeros((2, 77), np.int32)},
+            "noun_weights": np.zeros((2, 3, 77)), "token_mask": np.zeros((2, 77), bool)}
+    check = lambda b: checks.train_batch(b, text_inputs=("text_encoder",), streams=streams)  # noqa: E731
+    check(good)
+    cases = [
+        ({k: v for k, v in good.items() if k != "latents"}, ["expected 'latents'", "or 'images'"]),
+        ({k: v for k, v in good.items() if k != "input_ids"}, ["expected 'input_ids'", "no such key"]),
+        ({**good, "input_ids": {"text_encoder_2": good["input_ids"]["text_encoder"]}},
+         ["input_ids lacks text_encoder", "has text_encoder_2"]),
+        ({k: v for k, v in good.items() if k != "noun_weights"}, ["reads 'noun_weights'"]),
+        ({**good, "latents": np.zeros((3, 8, 8, 4))}, ["same batch size", "latents 3", "noun_weights 2"]),
+        ({**good, "token_mask": np.zeros((2, 76), bool)}, ["same token axis T"]),
+        ({**good, "reward": np.zeros((2, 1))}, ["reward must have 1 axes"]),
+        ({k: v for k, v in good.items() if k != "latents"} | {"images": np.zeros((2, 16, 16, 4))},
+         ["images must have 3 entries on its last axis"]),
+    ]
+    for batch, needles in cases:
+        with pytest.raises(ValueError) as e:
+            check(batch)
+        one_line(e, *needles)
+    # SD3: precomputed T5 embeddings stand in for T5's token ids.
+    sd3 = {**good, "input_ids": {"text_encoder": good["input_ids"]["text_encoder"]}, "t5_embeds": np.zeros((2, 256, 8))}
+    checks.train_batch(sd3, text_inputs=("text_encoder", "text_encoder_3"), streams=streams)

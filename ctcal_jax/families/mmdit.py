@@ -64,6 +64,7 @@ def make_family(
     if objective == "taca" and taca is None:
         raise ValueError("objective='taca' needs taca=TACA(gamma, t_threshold)")
     encoders = with_remat(encoders, remat)
+    text_inputs = tuple(encoders.models)
     transformer = transformer.clone(remat=remat)
     num_t = (config or ctcal.CTCALConfig()).num_train_timesteps
     with_ctcal = objective == "ctcal"
@@ -103,9 +104,9 @@ def make_family(
         return out
 
     if not with_ctcal:
-        return Family(forward=forward, streams={}, ctcal=None)
+        return Family(forward=forward, streams={}, ctcal=None, text_inputs=text_inputs)
     streams = {
         "clip": (slice(0, CLIP_TOKENS), "noun_weights_clip", "token_mask_clip"),
         "t5": (slice(CLIP_TOKENS, None), "noun_weights_t5", "token_mask_t5"),
     }
-    return Family(forward=forward, streams=streams, ctcal=config)
+    return Family(forward=forward, streams=streams, ctcal=config, text_inputs=text_inputs)

@@ -45,6 +45,7 @@ def make_family(
     """
     check_objective(objective, ("ctcal", "diffusion"), "SD 1.x/2.x")
     encoders = with_remat(encoders, remat)
+    text_inputs = tuple(encoders.models)
     unet = unet.clone(remat=remat)
     with_ctcal = objective == "ctcal"
     capture = AttnCapture(resolutions=(resolution,)) if with_ctcal else None
@@ -71,5 +72,6 @@ def make_family(
         return out
 
     if not with_ctcal:
-        return Family(forward=forward, streams={}, ctcal=None)
-    return Family(forward=forward, streams={"clip": (slice(None), "noun_weights", "token_mask")}, ctcal=config)
+        return Family(forward=forward, streams={}, ctcal=None, text_inputs=text_inputs)
+    return Family(forward=forward, streams={"clip": (slice(None), "noun_weights", "token_mask")}, ctcal=config,
+                  text_inputs=text_inputs)
