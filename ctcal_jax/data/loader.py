@@ -1,7 +1,7 @@
 """The training data loader: host batches from a source, forever, with a checkpointable state.
 
 Axes: B = global_batch_size // process_count examples per host batch; the rest as the source's
-examples (`imagefolder`, `records`, `synthetic`).
+examples (`imagefolder`, `records`, `synthetic`, `shapes`).
 
 Pipeline (grain's dataset API): source -> this host's slice of the index space
 (`process_index::process_count`: hosts read disjoint rows and together every row) -> shuffle,
@@ -28,22 +28,26 @@ from ctcal_jax import text
 from ctcal_jax.data import bad_rows
 from ctcal_jax.data.imagefolder import ImageFolderSource
 from ctcal_jax.data.records import RecordsSource
+from ctcal_jax.data.shapes import ShapesSource
 from ctcal_jax.data.synthetic import SyntheticSource
 
-KINDS = ("synthetic", "imagefolder", "records")
+KINDS = ("synthetic", "imagefolder", "records", "shapes")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """The data keys of a training config (`config.data = data.default_config()`).
 
-    - `kind`: "synthetic" | "imagefolder" | "records".
+    - `kind`: "synthetic" | "imagefolder" | "records" | "shapes" (the rendered shapes world).
     - `path`: the image folder or the prepared folder.
-    - `resolution`: pixels; synthetic latents are `resolution // 8` square with `latent_channels`.
+    - `resolution`: pixels; synthetic latents are `resolution // 8` square with `latent_channels`;
+      shapes scenes are drawn on a `resolution` canvas (32 or 64).
     - `max_nouns`, `include_adjectives`, `tagger`: noun selection (`nouns.prepare_batch`); `tagger` is
       "stanza" or a picklable callable (it runs in the worker processes).
     - `on_bad_row`: "skip" (count them) or "fail" (`bad_rows`).
     - `workers`: grain worker processes reading examples (0: threads of the trainer's process).
     - `prompts`: synthetic only, a tuple of `(prompt, tuple of nouns)`.
+    - `rows`, `split`, `world_seed`: shapes only: rows per epoch, "train" | "validation" | "test"
+      (`shapes.SPLITS`), and the seed of the scenes (row i is the same scene for the same seed).
     """
     return ml_collections.ConfigDict({
         "kind": "synthetic",
@@ -57,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
         "on_bad_row": "skip",
         "workers": 0,
         "prompts": (),
+        "rows": 10_000,
+        "split": "train",
+        "world_seed": 0,
     })
 
 
@@ -71,6 +78,9 @@ def open_source(data_config: ml_collections.ConfigDict, encoders: text.PromptEnc
                                  include_adjectives=c.include_adjectives, tagger=c.tagger, on_bad_row=c.on_bad_row)
     if c.kind == "records":
         return RecordsSource(c.path, family=encoders.family, resolution=c.resolution, max_nouns=c.max_nouns)
+    if c.kind == "shapes":
+        return ShapesSource(encoders, split=c.split, rows=c.rows, resolution=c.resolution, max_nouns=c.max_nouns,
+                            seed=c.world_seed)
     raise ValueError(f"data.kind={c.kind!r}: expected one of {KINDS}")
 
 
