@@ -118,24 +118,22 @@ def random_params(shapes: Any, seed: int) -> Any:
     return jax.tree.unflatten(tree, [draw(p, s) for p, s in leaves])
 
 
-def write_component(folder: Path, config: dict[str, Any], family: Any, weights_file: str, seed: int) -> None:
-    """A diffusers/transformers component folder with seeded random weights, written without torch."""
-    module = family.build(config)
-    params = random_params(family.abstract_params(module, config), seed)
+def write_component(folder: Path, config: dict[str, Any], params: Any, weights_file: str, dtype: Any = np.float32) -> None:
+    """A diffusers/transformers component folder: `config.json` and the Flax `params` as the torch
+    state dict (`dtype` on disk), written without torch."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    files.write_safetensors(folder / weights_file, names.flax_to_torch(params))
+    state = {k: np.asarray(v, dtype) for k, v in names.flax_to_torch(params).items()}
+    files.write_safetensors(folder / weights_file, state)
 
 
-def write_pipeline(name: str, out: Path) -> Path:
-    """Write the built-in pipeline `name` as a diffusers folder at `out` (which must not exist)."""
-    if name not in PIPELINES:
-        raise ValueError(f"unknown built-in pipeline {name!r}; available: {sorted(PIPELINES)}")
-    spec = PIPELINES[name]
+def write_folder(out: Path, spec: dict[str, Any], params: dict[str, Any], dtype: Any = np.float32) -> Path:
+    """A complete pipeline folder at `out` (which must not exist) from a `PIPELINES`-style `spec`
+    (configs, tokenizers' pad tokens, scheduler) and `params` by component."""
     out.mkdir(parents=True)
     index: dict[str, Any] = {"_class_name": spec["_class_name"], "_diffusers_version": "0.42.1"}
-    for seed, (component, (config, family, weights)) in enumerate(spec["components"].items()):
-        write_component(out / component, config, family, weights, seed)
+    for component, (config, _, weights) in spec["components"].items():
+        write_component(out / component, config, params[component], weights, dtype)
         cls = config.get("_class_name") or config["architectures"][0]
         index[component] = [_LIBRARY.get(component, "transformers"), cls]
     for component, pad in spec["tokenizers"].items():
@@ -150,6 +148,17 @@ def write_pipeline(name: str, out: Path) -> Path:
         index["requires_safety_checker"] = False
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def write_pipeline(name: str, out: Path) -> Path:
+    """Write the built-in pipeline `name` as a diffusers folder at `out` (which must not exist)."""
+    if name not in PIPELINES:
+        raise ValueError(f"unknown built-in pipeline {name!r}; available: {sorted(PIPELINES)}")
+    spec = PIPELINES[name]
+    params = {}
+    for seed, (component, (config, family, _)) in enumerate(spec["components"].items()):
+        params[component] = random_params(family.abstract_params(family.build(config), config), seed)
+    return write_folder(out, spec, params)
 
 
 def cache_dir() -> Path:

@@ -11,11 +11,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Entry points: `python -m ctcal_jax.train` (the trainer), `python -m ctcal_jax.prepare` (data
 # preparation), `python -m ctcal_jax.compile_check` (a config's step compiled with abstract weights),
-# `python -m ctcal_jax.sample` (the sampler: reads LoRA files);
+# `python -m ctcal_jax.sample` (the sampler: reads LoRA files), `python -m ctcal_jax.pretrain_shapes`
+# (writes the shapes world's base models as diffusers folders);
 # and `ctcal_jax.sampling`, whose `load_pipeline(path)` (API.md) reads a diffusers folder: it imports
 # `conversion` inside that function and `generate`'s LoRA-file branch only.
 PROGRAMS = {"ctcal_jax/prepare.py", "ctcal_jax/train.py", "ctcal_jax/compile_check.py", "ctcal_jax/sampling.py",
-            "ctcal_jax/sample.py"}
+            "ctcal_jax/sample.py", "ctcal_jax/pretrain_shapes.py"}
 
 
 def imported_packages(file: Path) -> set[str]:
