@@ -340,8 +340,8 @@ def run(out: Path, s: Settings, stages: Sequence[str] = ("sd2", "sd3")) -> dict[
             shutil.rmtree(folder)
         tiny.write_folder(folder, spec, jax.tree.map(np.asarray, params), dtype=np.float16)
         report[name]["eval"] = evaluate(folder, s)
-    report["total_seconds"] = round(time.perf_counter() - t0, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+        report["total_seconds"] = round(time.perf_counter() - t0, 1)
+        (out / "report.json").write_text(json.dumps(report, indent=1))  # after each stage: a stopped run keeps it
     return report
 
 
