@@ -1,14 +1,15 @@
 """A training config's pretrained pipeline -> `ctcal_jax.builder.Pipeline` (loaded or abstract).
 
 `model.pretrained` is a diffusers folder, a hub id (a snapshot already in the Hugging Face cache, or
-downloaded when the hub is reachable), or `builtin:<name>` (`conversion.tiny`). `load` reads the
+downloaded when the hub is reachable), or `builtin:<name>`: `shapes-sd2` / `shapes-sd3` (the shapes
+world's trained bases, shipped in `ctcal_jax/assets/`) or `tiny-sd2` / `tiny-sd3` (`conversion.tiny`). `load` reads the
 weights, straight into their shardings when given a mesh; `abstract` reads configs only (a local
 folder's, else `conversion.known`'s for the public pipelines) and gives `jax.ShapeDtypeStruct`
 params, so a config's step can be lowered and compiled on a host without the weights.
 
-What is loaded follows the data: the VAE only when batches carry images (`data.kind ==
-"imagefolder"`), SD3's T5 only when the batches do not bring its embeddings (`data.kind !=
-"records"`).
+What is loaded follows the data: the VAE only when batches carry images (`data.kind` in
+`IMAGE_KINDS`: "imagefolder", "shapes"), SD3's T5 only when the batches do not bring its embeddings
+(`data.kind != "records"`).
 """
 
 from __future__ import annotations
@@ -21,22 +22,33 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+import ctcal_jax
 from conversion import files, known, tiny
 from conversion.encoders import load_encoders
 from conversion.load import COMPONENT_CLASSES, build, family, load_component
 from ctcal_jax import text
 from ctcal_jax.builder import DENOISER, Pipeline
+from ctcal_jax.data.loader import IMAGE_KINDS
 
 FAMILIES = {"StableDiffusionPipeline": "sd2", "StableDiffusion3Pipeline": "sd3"}
 BUILTIN = "builtin:"
+# Pipelines shipped inside the package: the shapes world's pretrained bases (`ctcal_jax.pretrain_shapes`).
+ASSETS = Path(ctcal_jax.__file__).resolve().parent / "assets"
+SHIPPED = ("shapes-sd2", "shapes-sd3")
 
 
 def resolve(pretrained: str) -> Path:
     """The local folder of `model.pretrained` (module docstring). Raises ValueError naming the value."""
     if not pretrained:
-        raise ValueError("config.model.pretrained is empty: set a diffusers folder, a hub id or builtin:tiny-sd2")
+        raise ValueError("config.model.pretrained is empty: set a diffusers folder, a hub id or builtin:shapes-sd2")
     if pretrained.startswith(BUILTIN):
-        return tiny.materialize(pretrained[len(BUILTIN):])
+        name = pretrained[len(BUILTIN):]
+        if name in SHIPPED:
+            return ASSETS / name
+        if name not in tiny.PIPELINES:
+            raise ValueError(f"model.pretrained={pretrained!r}: no such built-in pipeline; available: "
+                             f"{[BUILTIN + n for n in (*SHIPPED, *sorted(tiny.PIPELINES))]}")
+        return tiny.materialize(name)
     path = Path(pretrained).expanduser()
     if path.is_dir():
         return path
@@ -74,7 +86,7 @@ def load(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> Pipelin
     dtype, compute = _dtypes(config)
     rules = [(str(p), tuple(a)) for p, a in config.sharding.frozen] if mesh is not None else None
     return load_folder(resolve(config.model.pretrained), dtype, compute_dtype=compute,
-                       with_vae=config.data.kind == "imagefolder", with_t5=config.data.kind != "records",
+                       with_vae=config.data.kind in IMAGE_KINDS, with_t5=config.data.kind != "records",
                        mesh=mesh, rules=rules)
 
 

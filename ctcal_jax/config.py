@@ -23,6 +23,10 @@ setting. Keys (API.md's "every training config has" marked *):
 - `total_steps`*, `batch_size`* (global), `seed`*, `log_every`*, `checkpoint_every`*,
   `keep_checkpoints`, `sample_every` (attention figures of the data's first examples; 0 = never),
   `num_train_timesteps`, `compilation_cache_dir` ("" = none), `halt_on_nonfinite`.
+- `eval.*`: the shapes world's evaluation during training (`ctcal_jax.evaluation`; the trainer
+  ignores it for other data, and a resumed run may change it): `every` (steps; 0 = never), `n`
+  (prompts per category), `split` ("validation", or "test" with the held-out compositions), `seed`,
+  `num_inference_steps`, `guidance_scale`.
 - `sample.*`: what `python -m ctcal_jax.sample` reads (the trainer ignores it, and a resumed run may
   change it): `scheduler` ("" = the family's default, DDIM for SD 1.x/2.x, flow-matching Euler for
   SD3), `num_inference_steps`, `guidance_scale`, `negative_prompt`, `height`/`width` (0 = the
@@ -81,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_train_timesteps = 1000
     c.compilation_cache_dir = ""
     c.halt_on_nonfinite = True
+    c.eval = dict(every=0, n=16, split="validation", seed=0, num_inference_steps=25, guidance_scale=5.0)
     c.sample = dict(
         scheduler="", num_inference_steps=50,
         guidance_scale=7.5,  # diffusers' SD 1.x/2.x default; SD3/3.5's pipelines use 7.0 (sd3_defaults)

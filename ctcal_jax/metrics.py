@@ -110,14 +110,16 @@ class MetricsWriter:
             filename_suffix=f".{time.time_ns() % 10**9:09d}",
         )
 
-    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
-        """Log `scalars` (name -> host int/float/0-d array) at `step`: one jsonl row and TensorBoard scalars."""
+    def write(self, step: int, scalars: Mapping[str, Any], jsonl: bool = True) -> None:
+        """Log `scalars` (name -> host int/float/0-d array) at `step`: one jsonl row (unless `jsonl` is
+        False: values with a file of their own) and TensorBoard scalars."""
         if not self.enabled:
             return
         if "step" in scalars:
             raise ValueError("'step' is the row's key; pass it as the step argument")
         values = {name: _json_value(v) for name, v in scalars.items()}
-        self._file.write(json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
+        if jsonl:
+            self._file.write(json.dumps({"step": int(step), **values}, allow_nan=False) + "\n")
         for name, v in values.items():
             self._tb.add_scalar(name, float(v), int(step))
 

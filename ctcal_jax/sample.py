@@ -52,7 +52,7 @@ from ctcal_jax import cli, nouns, sampling, scorers
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.attention import TACA
 from ctcal_jax.iterref import IterRef
-from ctcal_jax.viz import image_grid, save_png, subject_figure
+from ctcal_jax.viz import image_grid, save_png
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/NAME.py file (its get_config()).", lock_config=True)
@@ -274,13 +274,7 @@ def generate_files(sampler: Sampler, out: Path, iterref_step: int | None) -> int
 
 def _overlay(sampler: Sampler, attn: np.ndarray, image: np.ndarray, p: int) -> Any:
     """Prompt p's subject-map figure from one sample's step-averaged maps `[1, h, w, T]`."""
-    words = sampler.words(p)
-    prompt = sampler.rows[p]["prompt"]
-    weights, mask = sampling.subject_weights(sampler.pipe, [prompt], [words])
-    spans = sampling.stream_spans(sampler.pipe)
-    kernel = 5 if sampler.pipe.family == "sd3" else 3
-    maps = scorers.overlay_maps(scorers.subject_maps(attn, weights, mask, spans, kernel))[0]
-    return subject_figure(prompt, image, words, maps[..., :len(words)])
+    return scorers.overlay_figure(sampler.pipe, sampler.rows[p]["prompt"], sampler.words(p), attn, image)
 
 
 def sweep(sampler: Sampler, steps: list[int], scorer_spec: str | None, out: Path) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctcal_jax import iterref, maps, sampling, schedules, text
+from ctcal_jax import iterref, maps, sampling, schedules, text, viz
 from ctcal_jax.attention import AttnCapture
 from ctcal_jax.builder import Pipeline
 from ctcal_jax.models.vae import scale_latents
@@ -62,6 +62,15 @@ def overlay_maps(processed: jax.Array) -> np.ndarray:
     """`[B, S, G, h, w]` -> `[B, h, w, G]` for `viz.subject_figure`: the streams' mean, min-max
     normalised over space per subject."""
     return np.asarray(maps.minmax_normalize(processed.mean(axis=1).transpose(0, 2, 3, 1)))
+
+
+def overlay_figure(pipe: Pipeline, prompt: str, words: Sequence[str], attn: Any, image: Any) -> Any:
+    """One sample's figure (`viz.subject_figure`): the image and each subject word's map, from the
+    sample's step-averaged maps `attn` `[1, h, w, T]` (`generate(..., return_attn=True)`)."""
+    weights, mask = sampling.subject_weights(pipe, [prompt], [list(words)])
+    kernel = 5 if pipe.family == "sd3" else 3
+    processed = overlay_maps(subject_maps(attn, weights, mask, sampling.stream_spans(pipe), kernel))[0]
+    return viz.subject_figure(prompt, image, list(words), processed[..., :len(words)])
 
 
 def subject_attention(pipe: Pipeline, *, subjects: Mapping[str, Sequence[str]] | None = None,

@@ -10,6 +10,10 @@ an uninterrupted one. DIR holds:
     checkpoints/<step>/             orbax checkpoints (async, the newest `keep_checkpoints` kept)
     lora/pytorch_lora_weights.safetensors   the adapters in diffusers format, at every checkpoint
     figures/attention_<step>.png    per-noun maps, student beside teacher (`sample_every`)
+    eval.jsonl, figures/eval_<step>.png   shapes world only (`eval.every`): the exact evaluator's
+                                    accuracies per category before the first step, every `eval.every`
+                                    steps and at the end, and one sample per category with its
+                                    nouns' attention overlaid (`ctcal_jax.evaluation`)
 
 SIGTERM (preemption) saves a checkpoint at the current step and exits with status 143. A NaN or Inf
 metric stops the run naming the step and the metric; no checkpoint is written after it, so the last
@@ -36,7 +40,7 @@ from ml_collections import config_flags
 
 from conversion import export_lora
 from conversion import pipeline as pipeline_io
-from ctcal_jax import builder, cli, data
+from ctcal_jax import builder, cli, data, evaluation
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.checkpoints import Checkpoints
 from ctcal_jax.metrics import MetricsWriter, Progress
@@ -51,8 +55,9 @@ flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (
 # Keys a resumed run may change: when and how much it logs, saves and trains, not what it computes.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                      "compilation_cache_dir", "data.workers")
-# Key prefixes the trainer never reads: the sampling settings (`python -m ctcal_jax.sample`).
-RESUMABLE_PREFIXES = ("sample.",)
+# Key prefixes that do not change what is trained: the sampling settings (`python -m ctcal_jax.sample`)
+# and the shapes world's evaluation.
+RESUMABLE_PREFIXES = ("sample.", "eval.")
 
 
 class NonFinite(RuntimeError):
@@ -112,6 +117,23 @@ def export_adapters(workdir: Path, params: dict[str, Any]) -> None:
         export_lora(workdir / "lora", {c: lp for c, lp in params.items() if c != "ae"})
 
 
+def write_eval(workdir: Path, step: int, metrics: dict[str, float], figure: Any, writer: MetricsWriter) -> None:
+    """One evaluation: a row of `eval.jsonl` (rows of later steps, left by a run killed after them,
+    are replaced), `figures/eval_<step>.png`, TensorBoard scalars and image; logs the accuracies."""
+    logging.info("step %d  shapes evaluator: %s", step, "  ".join(
+        f"{k.split('/')[1]} {v:.3f}" for k, v in metrics.items() if k.endswith("/correct")))
+    if jax.process_index() != 0:
+        return
+    file = workdir / "eval.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line] if file.exists() else []
+    rows = [r for r in rows if r["step"] < step] + [{"step": step, **metrics}]
+    with atomic_write(file) as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    save_png(figure, workdir / "figures" / f"eval_{step:07d}.png")
+    writer.write(step, metrics, jsonl=False)
+    writer.write_image(step, "eval", figure)
+
+
 class Preemption:
     """Whether to save and stop after step `n`: SIGTERM was received (one host), or JAX's preemption
     sync point was reached (several hosts: every host answers True at the same step, so all save the
@@ -159,6 +181,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
         state = ckpts.restore(start, state, run.state_shardings, loader)
         logging.info("resumed %s at step %d", workdir, start)
     draw_figure = figure_maker(config, pipe, run)
+    evaluate = evaluation.shapes_evaluator(config, pipe)
 
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start if start else None)
     progress = Progress(config.total_steps, initial=start, enabled=jax.process_index() == 0)
@@ -169,6 +192,8 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
     last: dict[str, float] = {}
     tick, tick_step = time.perf_counter(), start
     try:
+        if evaluate is not None and start == 0:
+            write_eval(workdir, 0, *evaluate(state["params"]), writer)
         for step in range(start, config.total_steps):
             batch = to_device(next(loader), batch_sharding)
             state, metrics = run.step(state, batch, rng)
@@ -194,6 +219,8 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
                     (workdir / "figures").mkdir(exist_ok=True)
                     save_png(fig, workdir / "figures" / f"attention_{done:07d}.png")
                     writer.write_image(done, "attention", fig)
+            if evaluate is not None and (done % config.eval.every == 0 or final):
+                write_eval(workdir, done, *evaluate(state["params"]), writer)
             if done % config.checkpoint_every == 0 or final or preempted:
                 check_finite(bad)
                 ckpts.save(done, state, loader)

@@ -178,7 +178,7 @@ def _prompt_block(prompt: str, image: Any, words: Sequence[str], rows: Sequence[
     return block
 
 
-def _stack(blocks: Sequence[Image.Image]) -> Image.Image:
+def stack(blocks: Sequence[Image.Image]) -> Image.Image:
     """Blocks one under another, left-aligned; narrower ones are padded with background."""
     width = max(b.width for b in blocks)
     out = Image.new("RGB", (width, sum(b.height for b in blocks)), _BACKGROUND)
@@ -213,7 +213,7 @@ def attention_figure(rows: Sequence[dict[str, Any]], tile: int = 256) -> Image.I
     fnt = font(max(12, tile // 12))
     labelled = [[(f"{who}\nt={float(r[f't_{who}']):.4g}", r[who]) for who in ("student", "teacher")] for r in rows]
     label_w = max(_text_size(_MEASURE, label, fnt)[0] for block in labelled for label, _ in block) + _GAP
-    return _stack([_prompt_block(r["prompt"], r["image"], r["words"], block, tile, fnt, label_w)
+    return stack([_prompt_block(r["prompt"], r["image"], r["words"], block, tile, fnt, label_w)
                    for r, block in zip(rows, labelled)])
 
 

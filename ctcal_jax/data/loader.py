@@ -32,6 +32,7 @@ from ctcal_jax.data.shapes import ShapesSource
 from ctcal_jax.data.synthetic import SyntheticSource
 
 KINDS = ("synthetic", "imagefolder", "records", "shapes")
+IMAGE_KINDS = ("imagefolder", "shapes")  # batches carry `images`: the step needs the VAE
 
 
 def default_config() -> ml_collections.ConfigDict:
