@@ -42,5 +42,5 @@ def get_config(runlocal: str = ""):
     if runlocal:
         c.total_steps, c.log_every, c.checkpoint_every, c.sample_every = 6, 1, 3, 6
         c.eval.every, c.eval.n, c.eval.num_inference_steps = 6, 2, 4
-        c.batch_size = 4
+        c.batch_size = 8  # divisible by the 8 fake devices of the sharding tests
     return c

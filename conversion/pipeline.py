@@ -133,12 +133,12 @@ def abstract(config: ml_collections.ConfigDict) -> Pipeline:
     if local is not None:
         fam = pipeline_family(local)
         configs = {c: files.read_json(files.component_dir(local, c) / "config.json")
-                   for c in _components(fam, files.read_json(local / "model_index.json"))}
+                   for c in _components(fam, files.read_json(local / "model_index.json"), config)}
         scheduler = _scheduler(local)
     elif pretrained in known.PIPELINES:
         entry = known.PIPELINES[pretrained]
         fam, scheduler = entry["family"], entry["scheduler"]
-        configs = {c: entry[c] for c in _components(fam, entry)}
+        configs = {c: entry[c] for c in _components(fam, entry, config)}
     else:
         raise ValueError(f"model.pretrained={pretrained!r}: no local folder, and not one of the pipelines known "
                          f"without weights ({sorted(known.PIPELINES)})")
@@ -155,11 +155,14 @@ def abstract(config: ml_collections.ConfigDict) -> Pipeline:
     lengths = {c: 77 for c in texts} | ({"text_encoder_3": 256} if fam == "sd3" else {})
     joint = configs[name].get("joint_attention_dim") if fam == "sd3" else None
     encoders = text.PromptEncoders("sd" if fam == "sd2" else "sd3", {}, texts, lengths, joint)
-    return Pipeline(fam, modules[name], encoders, {c: params[c] for c in (name, *texts)}, scheduler,
-                    source=pretrained)
+    frozen = {c: params[c] for c in (name, *texts, *(("vae",) if "vae" in modules else ()))}
+    return Pipeline(fam, modules[name], encoders, frozen, scheduler, modules.get("vae"), source=pretrained,
+                    latent_size=configs[name].get("sample_size"))
 
 
-def _components(fam: str, index: dict[str, Any]) -> tuple[str, ...]:
-    """The denoiser and the CLIP encoders the step runs (T5's stream is precomputed for abstract builds)."""
+def _components(fam: str, index: dict[str, Any], config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The denoiser and the CLIP encoders the step runs (T5's stream is precomputed for abstract
+    builds), and the VAE when the data are images (`load`'s rule)."""
     names = (DENOISER[fam], "text_encoder") + (("text_encoder_2",) if fam == "sd3" else ())
+    names += ("vae",) if config.data.kind in IMAGE_KINDS else ()
     return tuple(c for c in names if c in COMPONENT_CLASSES and index.get(c) not in (None, [None, None]))

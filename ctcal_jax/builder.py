@@ -210,17 +210,21 @@ def global_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
 
 
 def abstract_batch(config: ml_collections.ConfigDict, pipeline: Pipeline, batch_size: int | None = None) -> dict:
-    """Shapes and dtypes of a training batch for `pipeline` (compile checks): prepared latents, token
-    ids, the CTCAL token arrays of each stream, and SD3's T5 stream."""
+    """Shapes and dtypes of a training batch for `pipeline` (compile checks): images when the
+    pipeline carries its VAE (image data), else prepared latents; token ids, the CTCAL token arrays
+    of each stream, and SD3's T5 stream."""
     b = batch_size or config.batch_size
-    res = config.data.resolution // 8
+    r = config.data.resolution
     f32, i32 = jnp.float32, jnp.int32
     n = config.data.max_nouns
     spec = jax.ShapeDtypeStruct
     latent_c = pipeline.denoiser.out_channels  # latent channels in = out for SD/SD3
-    batch: dict[str, Any] = {"latents": spec((b, res, res, latent_c), f32),
-                             "input_ids": {c: spec((b, pipeline.encoders.max_lengths[c]), i32)
-                                           for c in pipeline.encoders.models if c != "text_encoder_3"}}
+    if pipeline.vae is not None:
+        pixels = {"images": spec((b, r, r, 3), f32)}
+    else:
+        pixels = {"latents": spec((b, r // 8, r // 8, latent_c), f32)}
+    batch: dict[str, Any] = {**pixels, "input_ids": {c: spec((b, pipeline.encoders.max_lengths[c]), i32)
+                                                     for c in pipeline.encoders.models if c != "text_encoder_3"}}
     if pipeline.family == "sd2":
         batch.update(noun_weights=spec((b, n, 77), f32), token_mask=spec((b, 77), bool))
     else:

@@ -258,10 +258,14 @@ def _capture(pipe: Pipeline, iterref: iterref_lib.IterRef | None, h: int) -> Att
         return AttnCapture(blocks=None)
     if iterref is not None and iterref.resolution:
         return AttnCapture(resolutions=(iterref.resolution,))
-    # The coarsest down level with cross-attention: 16×16 at SD 1.x/2.x's 64×64 latents
-    # (`down_blocks.2`, `up_blocks.1`, SPEC §6).
+    return AttnCapture(resolutions=(coarsest_attention(pipe, h),))
+
+
+def coarsest_attention(pipe: Pipeline, h: int) -> int:
+    """The side of the UNet's coarsest down level with cross-attention at latent side `h`: 16 at SD
+    1.x/2.x's 64×64 latents (`down_blocks.2`, `up_blocks.1`, SPEC §6), 8 for shapes-sd2's 16×16."""
     levels = sum(kind.startswith("CrossAttn") for kind in pipe.denoiser.down_block_types)
-    return AttnCapture(resolutions=(max(h // 2 ** max(levels - 1, 0), 1),))
+    return max(h // 2 ** max(levels - 1, 0), 1)
 
 
 def _streams(pipe: Pipeline) -> list[tuple[str, int]]:

@@ -95,7 +95,7 @@ def subject_attention(pipe: Pipeline, *, subjects: Mapping[str, Sequence[str]] |
         cond = text.encode_prompts(pipe.encoders, params, tokens)
         if pipe.family == "sd2":
             x_t = schedules.add_noise(schedules.ddpm_from_config(pipe.scheduler), x0, noise, t.astype(jnp.int32))
-            capture = AttnCapture(resolutions=(max(x0.shape[1] // 4, 1),))
+            capture = AttnCapture(resolutions=(sampling.coarsest_attention(pipe, x0.shape[1]),))
             _, aux = pipe.denoiser.apply({"params": params[name]}, x_t, t, cond["prompt_embeds"], capture=capture)
         else:
             x_t = schedules.flow_noisy_input(x0, noise, schedules.flow_sigmas(t))

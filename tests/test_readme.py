@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import jax
-import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -24,11 +23,10 @@ def write_demo_lora(folder: Path) -> None:
     from ctcal_jax import lora
     from ctcal_jax.sampling import load_pipeline
 
-    pipe = load_pipeline(resolve("builtin:tiny-sd2"))
+    pipe = load_pipeline(resolve("builtin:shapes-sd2"))
     export_lora(folder, {"unet": lora.init(jax.random.key(0), pipe.params["unet"], rank=2, alpha=2)})
 
 
-@pytest.mark.slow
 def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 8

@@ -1,5 +1,5 @@
-"""`python -m ctcal_jax.sample` as users run it, on the built-in tiny pipelines (configs/demo.py,
-configs/sd35_taca.py:runlocal), a few steps at 128 px: the files of each layout, overlays, TACA, the
+"""`python -m ctcal_jax.sample` as users run it, on the shipped shapes-world base (configs/demo.py, 32 px)
+and the built-in tiny SD3 (configs/sd35_taca.py:runlocal), a few steps: the files of each layout, overlays, TACA, the
 IterRef step sweep (one compiled program for every candidate step) and the one-line errors.
 
 Stanza's models are not on this machine: subjects come from the prompt file's "subjects" or from a
@@ -20,7 +20,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.py")
-FAST = ["--config.sample.num_inference_steps=2", "--config.sample.height=128", "--config.sample.width=128"]
+FAST = ["--config.sample.num_inference_steps=2", "--config.sample.height=32", "--config.sample.width=32"]
 TAGGER = '''import re
 NOUNS = {"cat", "dog", "apple", "bird"}
 def tag(prompt):
@@ -57,7 +57,7 @@ def test_plain_layout_grid_prompts_jsonl_and_overlays(tmp):
     assert "wrote 4 images" in proc.stdout
     names = sorted(p.name for p in out.iterdir())
     assert names == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png", "overlays", "prompts.jsonl"]
-    assert png(out / "00000.png").shape == (128, 128, 3)
+    assert png(out / "00000.png").shape == (32, 32, 3)
     assert not np.array_equal(png(out / "00000.png"), png(out / "00001.png"))  # seeds 7 and 8
     rows = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert [(r["file"], r["prompt"], r["sample"], r["seed"]) for r in rows] == [
@@ -68,7 +68,7 @@ def test_plain_layout_grid_prompts_jsonl_and_overlays(tmp):
     assert sorted(p.name for p in (out / "overlays").iterdir()) == [f"{i:05d}.png" for i in range(4)]
     # Two subjects (cat, dog) make the first figure wider than the one-subject (apple) figure.
     assert Image.open(out / "overlays" / "00000.png").width > Image.open(out / "overlays" / "00002.png").width
-    assert Image.open(out / "grid.png").width > 2 * 128  # two columns: the samples of a prompt
+    assert Image.open(out / "grid.png").width > 2 * 32  # two columns: the samples of a prompt
 
 
 def test_t2i_compbench_layout_names_files_as_its_scorers_parse_them(tmp):

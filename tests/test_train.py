@@ -91,22 +91,28 @@ def test_reference_run_leaves_what_api_md_lists(reference):
     config = json.loads((reference / "config.json").read_text())
     for key in ("total_steps", "batch_size", "seed", "log_every", "checkpoint_every"):
         assert key in config
-    assert config["model"]["pretrained"] == "builtin:tiny-sd2" and {"data", "fsdp"} <= set(config["mesh"])
+    assert config["model"]["pretrained"] == "builtin:shapes-sd2" and {"data", "fsdp"} <= set(config["mesh"])
+    # The shapes world's exact evaluation: the base before the first step, the adapters after the last.
+    evals = [json.loads(line) for line in (reference / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 6]
+    assert all(0 <= e["eval/all/correct"] <= 1 and "eval/relation/relation" in e for e in evals)
+    assert (reference / "figures" / "eval_0000000.png").exists() and (reference / "figures" / "eval_0000006.png").exists()
 
 
 def test_preempted_and_killed_run_resumes_with_identical_losses(tmp, reference):
     workdir = tmp / "interrupted"
     # SIGTERM after step 2 is logged: saves step 2 (or 3) and exits 143.
-    proc = start_and_wait(tmp, workdir, lambda: logged_steps(workdir) >= 2)
+    no_eval = "--config.eval.every=0"  # a resumable key: the evaluation draws no training randomness
+    proc = start_and_wait(tmp, workdir, lambda: logged_steps(workdir) >= 2, no_eval)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, proc.stderr.read()[-3000:]
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and saved[-1] >= 2
     # Restarted, then SIGKILL once step 4 is logged: checkpoint 3 is on disk, steps after it are lost.
-    proc = start_and_wait(tmp, workdir, lambda: logged_steps(workdir) >= 4)
+    proc = start_and_wait(tmp, workdir, lambda: logged_steps(workdir) >= 4, no_eval)
     proc.kill()
     proc.wait(timeout=60)
-    train(tmp, workdir)
+    train(tmp, workdir, no_eval)
     ours, ref = losses(workdir), losses(reference)
     assert sorted(ours) == sorted(ref)
     np.testing.assert_allclose([ours[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5)
@@ -114,7 +120,8 @@ def test_preempted_and_killed_run_resumes_with_identical_losses(tmp, reference):
 
 def test_eight_devices_give_the_one_device_losses(tmp, reference):
     workdir = tmp / "mesh2x4"
-    train(tmp, workdir, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.sample_every=0", devices=8)
+    train(tmp, workdir, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.sample_every=0",
+          "--config.eval.every=0", devices=8)
     ours, ref = losses(workdir), losses(reference)
     np.testing.assert_allclose([ours[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-4)
 
@@ -133,7 +140,7 @@ def test_exported_lora_loads_in_diffusers_and_reproduces_our_unet(tmp, reference
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(base)
     pipe.load_lora_weights(reference / "lora")
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 32, 32, 4)).astype(np.float32)
+    x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
     ctx = rng.standard_normal((2, 77, 64)).astype(np.float32)
     t = np.array([10, 700])
     with torch.no_grad():
@@ -160,7 +167,8 @@ def test_a_nan_stops_the_run_naming_step_and_metric_and_keeps_the_last_good_chec
     workdir = tmp / "nan"
     # A learning rate of 1e30 sends the adapters to inf at the first update: step 2's loss is NaN.
     proc = train(tmp, workdir, "--config.optim.groups=((r'^(unet|ae)/', 1e30, 0.0), (r'^text_encoder', 1e30, 0.0))",
-                 "--config.checkpoint_every=1", "--config.log_every=3", "--config.sample_every=0", check=False)
+                 "--config.checkpoint_every=1", "--config.log_every=3", "--config.sample_every=0",
+                 "--config.eval.every=0", check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "non-finite metrics at step 2" in last and "loss=nan" in last, last
