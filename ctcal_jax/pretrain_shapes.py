@@ -130,6 +130,10 @@ def world(rows: int, seed: int) -> tuple[np.ndarray, list[str]]:
     return images, [s.prompt for s in scenes]
 
 
+# Modules are initialised under jit (`jax.jit(module.init)`): op by op, the VAE's init alone takes
+# 15 s on a CPU.
+
+
 def fit(loss: Callable[..., jax.Array], params: Any, data: dict[str, jax.Array], steps: int, s: Settings,
         name: str, batch: int | None = None) -> tuple[Any, dict[str, Any]]:
     """AdamW (warm-up, cosine decay, clipping at 1) on `loss(params, batch, key)` over batches drawn
@@ -180,7 +184,7 @@ def train_vae(images: jax.Array, s: Settings) -> tuple[Any, Any, dict[str, Any]]
         kl = 0.5 * (mean**2 + jnp.exp(logvar) - 1 - logvar)
         return jnp.mean((recon - x) ** 2) + 1e-4 * jnp.mean(kl)
 
-    params = vae.init(jax.random.key(s.seed), images[:1].astype(jnp.float32) / 127.5 - 1)["params"]
+    params = jax.jit(vae.init)(jax.random.key(s.seed), images[:1].astype(jnp.float32) / 127.5 - 1)["params"]
     params, log = fit(loss, params, {"images": images}, s.vae_steps, s, "vae", batch=s.vae_batch)
     return vae, params, log
 
@@ -208,7 +212,8 @@ def encoders_of(spec: dict[str, Any]) -> text.PromptEncoders:
 
 def _init_text(encoders: text.PromptEncoders, key: jax.Array) -> dict[str, Any]:
     ids = jnp.zeros((1, 77), jnp.int32)
-    return {c: m.init(jax.random.fold_in(key, i), ids)["params"] for i, (c, m) in enumerate(encoders.models.items())}
+    return {c: jax.jit(m.init)(jax.random.fold_in(key, i), ids)["params"]
+            for i, (c, m) in enumerate(encoders.models.items())}
 
 
 def _latents(b: dict[str, jax.Array], key: jax.Array, scale: float, shift: float) -> jax.Array:
@@ -229,7 +234,8 @@ def train_sd2(spec: dict[str, Any], data: dict[str, Any], empty: dict[str, jax.A
     key = jax.random.key(s.seed + 1)
     params = _init_text(encoders, key)
     latent = IMAGE // 2
-    params["unet"] = unet.init(key, jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 64)))["params"]
+    params["unet"] = jax.jit(unet.init)(key, jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,)),
+                                        jnp.zeros((1, 77, 64)))["params"]
 
     def loss(p, b, key):
         k_lat, k_drop, k_t, k_n = jax.random.split(key, 4)
@@ -252,7 +258,7 @@ def train_sd3(spec: dict[str, Any], data: dict[str, Any], empty: dict[str, jax.A
     key = jax.random.key(s.seed + 2)
     params = _init_text(encoders, key)
     latent = IMAGE // 2
-    params["transformer"] = mmdit.init(key, jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,)),
+    params["transformer"] = jax.jit(mmdit.init)(key, jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,)),
                                        jnp.zeros((1, 333, 64)), jnp.zeros((1, 64)))["params"]
 
     def loss(p, b, key):

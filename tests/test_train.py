@@ -194,7 +194,7 @@ def test_image_folder_run_encodes_with_the_vae_and_counts_bad_rows(tmp):
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     workdir = tmp / "imagefolder"
     train(tmp, workdir, "--config.data.kind=imagefolder", f"--config.data.path={folder}",
-          "--config.total_steps=2", "--config.batch_size=4", "--config.sample_every=0", "--config.log_every=2")
+          "--config.total_steps=2", "--config.sample_every=0", "--config.log_every=2")  # the reference's step: cached
     last = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["step"] == 2 and np.isfinite(last["loss"])
     assert last["data/skipped_rows"] >= 2, last
