@@ -41,7 +41,8 @@ $(STAMP): $(LOCKED) pyproject.toml
 # Two pytest workers (pytest-xdist), each test file on one of them (module fixtures such as the
 # trainer's reference run are computed once). XLA compiles on one core, so two workers keep both
 # cores busy: on the 2-core CI machine the suite took 11 min 21 s this way, where the serial suite
-# took 11 min 41 s before the trainer's tests (about 6 more minutes serially) were added.
+# took 11 min 41 s before the trainer's tests (about 6 more minutes serially) were added. With the
+# sampler, the README's blocks and the shapes world it took 17 min 59 s (19 min 4 s with installation).
 TEST_WORKERS ?= 2
 
 test: setup
