@@ -237,7 +237,7 @@ def train(config: Any, workdir: str | Path) -> dict[str, float]:
     return last
 
 
-class _QuietOrbax(pylogging.Filter):
+class QuietOrbax(pylogging.Filter):
     """Orbax logs every save in a dozen INFO lines; keep its warnings and errors only."""
 
     def filter(self, record: pylogging.LogRecord) -> bool:
@@ -245,7 +245,7 @@ class _QuietOrbax(pylogging.Filter):
 
 
 def main(argv: list[str]) -> None:
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    logging.get_absl_handler().addFilter(QuietOrbax())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.multihost:
