@@ -1,5 +1,6 @@
 """The CTCAL train step: runs jitted once, teacher gives no gradient, no-noun samples are finite,
-accumulation averages micro-batch gradients, loss falls, same numbers on 1 and 8 devices."""
+accumulation averages micro-batch gradients, loss falls, same numbers on 1 and 8 devices (`slow`:
+the trainer's own 1-vs-8-device test runs in `make test`)."""
 
 import dataclasses
 import json
@@ -135,6 +136,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # `make test` runs the trainer on 1 and 8 devices (test_train.py); this adds the update
 def test_same_loss_and_update_on_one_and_eight_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     tests = str(Path(__file__).parent)
