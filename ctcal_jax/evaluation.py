@@ -1,6 +1,6 @@
 """What the trainer measures on the shapes world (`data.kind = "shapes"`, `config.eval.every > 0`):
 before the first step, every `eval.every` steps and after the last, the exact evaluator's
-accuracies (`data.shapes.score`) on fixed prompt sets, one per category (`shapes.CATEGORIES`),
+accuracies (`data.shapes_eval.score`) on fixed prompt sets, one per category (`shapes.CATEGORIES`),
 sampled from the model with the adapters of that moment, and a figure of one sample per category
 with each noun's attention overlaid (`scorers.overlay_figure`).
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 from ctcal_jax import sampling, scorers, viz
 from ctcal_jax.builder import Pipeline
-from ctcal_jax.data import shapes
+from ctcal_jax.data import shapes, shapes_eval
 
 Evaluator = Callable[[Any], tuple[dict[str, float], Image.Image]]
 
@@ -49,7 +49,7 @@ def shapes_evaluator(config: ml_collections.ConfigDict, pipe: Pipeline) -> Evalu
         metrics, figures = {}, []
         for i, category in enumerate(shapes.CATEGORIES):
             rows = slice(i * e.n, (i + 1) * e.n)
-            for key, value in shapes.score(images[rows], scenes[rows]).items():
+            for key, value in shapes_eval.score(images[rows], scenes[rows]).items():
                 if key != "n" and value is not None:
                     metrics[f"eval/{category}/{key}"] = value
             first = i * e.n

@@ -10,7 +10,7 @@ The project ships what this writes (`ctcal_jax/assets/`, loaded as `builtin:shap
   patches: an 8×8 image grid), two CLIP encoders (the pooled and penultimate outputs as SD3 takes
   them; no T5, so the T5 stream is zeros, as diffusers does without `text_encoder_3`), the same VAE.
 - `DIR/report.json`: per stage its steps, batch, seconds and final loss; then the evaluator's
-  accuracies (`ctcal_jax.data.shapes.score`) on the validation prompt sets of every category,
+  accuracies (`ctcal_jax.data.shapes_eval.score`) on the validation prompt sets of every category,
   sampled from the folders as written (float16 weights, as shipped).
 
 Stages, all on device with the data held there (no host work per step):
@@ -48,7 +48,7 @@ from conversion import tiny
 from conversion import unet as unet_family
 from conversion import vae as vae_family
 from ctcal_jax import schedules, text
-from ctcal_jax.data import shapes
+from ctcal_jax.data import shapes, shapes_eval
 from ctcal_jax.tokenizers import clip_tokenizer
 
 IMAGE = 32  # pixels; latents are 16×16
@@ -297,7 +297,7 @@ def evaluate(folder: Path, s: Settings) -> dict[str, Any]:
         scenes = shapes.prompt_set(category, split="validation", n=s.eval_n, seed=s.seed)
         images = sampling.generate(pipe, [sc.prompt for sc in scenes], num_inference_steps=s.eval_steps,
                                    guidance_scale=s.guidance, seed=s.seed, height=IMAGE, width=IMAGE)["images"]
-        out[category] = shapes.score((np.asarray(images) * 255).round().astype(np.uint8), scenes)
+        out[category] = shapes_eval.score((np.asarray(images) * 255).round().astype(np.uint8), scenes)
         print(f"[eval {folder.name}] {category}: {out[category]}", flush=True)
     return out
 

@@ -14,7 +14,7 @@ import pytest
 
 from conversion.pipeline import resolve
 from ctcal_jax import config as config_lib
-from ctcal_jax.data import shapes
+from ctcal_jax.data import shapes, shapes_eval
 from ctcal_jax.data.imagefolder import ImageFolderSource
 from ctcal_jax.experiments import shapes as experiment
 from ctcal_jax.sampling import load_pipeline
@@ -51,11 +51,11 @@ def test_mask_iou_pools_the_mask_to_the_map():
 def test_reward_is_the_share_of_checks_passed():
     scene = shapes.prompt_set("relation", n=1)[0]
     image, _ = shapes.render(scene)
-    assert experiment.reward(shapes.evaluate(image, scene)) == 1.0
+    assert experiment.reward(shapes_eval.evaluate(image, scene)) == 1.0
     blank = np.full_like(image, shapes.BACKGROUND)
-    assert experiment.reward(shapes.evaluate(blank, scene)) == 0.0
+    assert experiment.reward(shapes_eval.evaluate(blank, scene)) == 0.0
     one = shapes.Scene(scene.objects[:1], None, scene.prompt, scene.nouns, scene.category, scene.size)
-    assert experiment.reward(shapes.evaluate(shapes.render(one)[0], scene)) == pytest.approx(1 / 3)
+    assert experiment.reward(shapes_eval.evaluate(shapes.render(one)[0], scene)) == pytest.approx(1 / 3)
 
 
 def test_the_fine_tunes_share_everything_but_objective_and_data(tmp_path):

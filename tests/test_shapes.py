@@ -13,7 +13,7 @@ import pytest
 from conversion import load_encoders
 from conversion.tiny import materialize
 from ctcal_jax import data
-from ctcal_jax.data import shapes
+from ctcal_jax.data import shapes, shapes_eval
 from ctcal_jax.data.shapes import COLOURS, Scene
 
 
@@ -60,17 +60,17 @@ def test_own_renders_score_100_percent(size):
     all_scenes = scenes(size, 40 if size == 32 else 16)
     images = [shapes.render(s)[0] for s in all_scenes]
     for image, scene in zip(images, all_scenes):
-        assert_perfect(shapes.evaluate(image, scene))
-    totals = shapes.score(images, all_scenes)
+        assert_perfect(shapes_eval.evaluate(image, scene))
+    totals = shapes_eval.score(images, all_scenes)
     assert totals["n"] == len(all_scenes)
     assert all(totals[k] == 1.0 for k in ("correct", "objects", "relation", "count_ok", "present", "colour", "shape",
                                            "size")), totals
     # The same from the prompt alone, and from floats in [0, 1] (what sampling.generate returns).
-    assert shapes.evaluate(images[0].astype(np.float32) / 255, all_scenes[0].prompt)["correct"]
+    assert shapes_eval.evaluate(images[0].astype(np.float32) / 255, all_scenes[0].prompt)["correct"]
     # A scene drawn on another canvas size (its coordinates scaled).
     other = 64 if size == 32 else 32
     for scene in all_scenes[::10]:
-        assert_perfect(shapes.evaluate(shapes.render(scene, other)[0], scene))
+        assert_perfect(shapes_eval.evaluate(shapes.render(scene, other)[0], scene))
 
 
 @pytest.mark.parametrize("size", [32, 64])
@@ -78,7 +78,7 @@ def test_mild_noise_and_blur_still_score_100_percent(size):
     for i, scene in enumerate(scenes(size, 16 if size == 32 else 6)):
         image = shapes.render(scene)[0]
         for changed in (noisy(image, i), blur(image), noisy(blur(image), i)):
-            assert_perfect(shapes.evaluate(changed, scene))
+            assert_perfect(shapes_eval.evaluate(changed, scene))
 
 
 # --- perturbed renders are caught ----------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_recoloured_object_is_caught():
         unused = next(c for c in COLOURS if c not in {o.colour for o in scene.objects})
         objects = list(scene.objects)
         objects[k] = dataclasses.replace(objects[k], colour=unused)
-        r = shapes.evaluate(shapes.render(dataclasses.replace(scene, objects=tuple(objects)))[0], scene)
+        r = shapes_eval.evaluate(shapes.render(dataclasses.replace(scene, objects=tuple(objects)))[0], scene)
         assert not r["present"][k] and not r["colour"][k] and r["shape"][k]
         assert not r["objects"] and not r["correct"]
         assert r["present"][0] and r["present"][2] and r["count_ok"]
@@ -100,7 +100,7 @@ def test_erased_object_is_not_present():
     for scene in shapes.prompt_set("binding", "test", n=12):
         image, masks = shapes.render(scene)
         image[masks[0]] = shapes.BACKGROUND
-        r = shapes.evaluate(image, scene)
+        r = shapes_eval.evaluate(image, scene)
         assert r["present"] == (False, True) and not r["colour"][0]
         assert not r["objects"] and not r["correct"] and not r["count_ok"]
 
@@ -112,7 +112,7 @@ def test_swapped_positions_break_the_relation():
         moved = (dataclasses.replace(a, cx=b.cx, cy=b.cy), dataclasses.replace(b, cx=a.cx, cy=a.cy))
         if any(not o.radius <= c <= scene.size - o.radius for o in moved for c in (o.cx, o.cy)):
             continue  # a large object swapped into a small one's place would leave the canvas
-        r = shapes.evaluate(shapes.render(dataclasses.replace(scene, objects=moved))[0], scene)
+        r = shapes_eval.evaluate(shapes.render(dataclasses.replace(scene, objects=moved))[0], scene)
         assert r["objects"] and r["relation"] is False and not r["correct"], (scene.prompt, r)
         checked += 1
     assert checked >= 10
@@ -128,7 +128,7 @@ def test_square_where_a_circle_is_asked_is_the_wrong_shape():
         k = shape_words.index("circle")
         objects = list(scene.objects)
         objects[k] = dataclasses.replace(objects[k], shape="square")
-        r = shapes.evaluate(shapes.render(dataclasses.replace(scene, objects=tuple(objects)))[0], scene)
+        r = shapes_eval.evaluate(shapes.render(dataclasses.replace(scene, objects=tuple(objects)))[0], scene)
         assert not r["present"][k] and not r["shape"][k] and r["colour"][k] and not r["correct"]
         checked += 1
     assert checked >= 20
@@ -138,8 +138,8 @@ def test_off_palette_and_specks_are_ignored():
     image = np.full((32, 32, 3), shapes.BACKGROUND, np.uint8)
     image[4:14, 4:14] = (160, 40, 200)  # purple: no palette colour
     image[20:22, 20:22] = COLOURS["red"]  # a 4-pixel speck
-    assert shapes.components(image) == []
-    r = shapes.evaluate(image, "a red square")
+    assert shapes_eval.components(image) == []
+    r = shapes_eval.evaluate(image, "a red square")
     assert r["present"] == (False,) and r["colour"] == (False,) and r["count_ok"] is False
 
 
@@ -211,7 +211,7 @@ def test_masks_are_the_rendered_pixels(size):
         expected = np.full((size, size), -1)
         for o, m in zip(scene.objects, masks):
             expected[m] = list(COLOURS).index(o.colour)
-        np.testing.assert_array_equal(shapes.segment(image), expected)
+        np.testing.assert_array_equal(shapes_eval.segment(image), expected)
 
 
 def test_prompts_parse_back():

@@ -15,7 +15,7 @@ import pytest
 from conversion import load_component
 from conversion.pipeline import ASSETS, SHIPPED, resolve
 from ctcal_jax import pretrain_shapes, sampling
-from ctcal_jax.data import shapes
+from ctcal_jax.data import shapes, shapes_eval
 
 COMPONENTS = {"shapes-sd2": ("unet", "text_encoder", "vae"),
               "shapes-sd3": ("transformer", "text_encoder", "text_encoder_2", "vae")}
@@ -38,7 +38,7 @@ def test_the_sd2_base_draws_single_objects_and_the_report_says_how_well():
     scenes = shapes.prompt_set("single", split="validation", n=8)
     out = sampling.generate(pipe, [s.prompt for s in scenes], num_inference_steps=10, guidance_scale=5.0, seed=0)
     assert out["images"].shape == (8, 32, 32, 3)
-    assert shapes.score(np.asarray(out["images"]), scenes)["objects"] >= 0.75
+    assert shapes_eval.score(np.asarray(out["images"]), scenes)["objects"] >= 0.75
     report = json.loads((ASSETS / "pretrain_report.json").read_text())
     sd2 = report["shapes-sd2"]["sd2"]["eval"]
     assert sd2["single"]["correct"] > 0.9 and sd2["relation"]["correct"] < 0.9

@@ -20,7 +20,7 @@ same sampler (25 DDIM / flow-matching Euler steps, CFG 5) and, for seed s, the s
   updates, CN + IoU); the subjects are the shape words.
 - `base-sd3`, `taca`: the shapes-sd3 base without and with TACA (SPEC §4, `config.taca.*`).
 
-Measured per (method, seed): (a) the exact evaluator's accuracy (`shapes.score`'s `correct`) per
+Measured per (method, seed): (a) the exact evaluator's accuracy (`shapes_eval.score`'s `correct`) per
 category, over all test prompts and over the held-out ones; (b) for the UNet methods, the IoU of
 each noun's alignment map (SPEC §2's processing, `probe.noun_maps`, thresholded at 0.5) with its
 object's ground-truth mask, on the rendered test scenes noised to `IOU_TIMESTEPS` (small and large t).
@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from ctcal_jax import probe, sampling, train
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.attention import TACA
-from ctcal_jax.data import shapes
+from ctcal_jax.data import shapes, shapes_eval
 from ctcal_jax.data.examples import text_example
 from ctcal_jax.families.common import latents
 from ctcal_jax.iterref import IterRef
@@ -127,7 +127,7 @@ def gors_data(pipe: Any, folder: Path, settings: Settings) -> dict[str, float]:
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
         for i, (scene, image) in enumerate(zip(scenes, images)):
-            r = reward(shapes.evaluate(image, scene))
+            r = reward(shapes_eval.evaluate(image, scene))
             if r >= GORS_MIN_REWARD:
                 save_png(image, folder / f"{i:05d}.png")
                 rows.append({"file_name": f"{i:05d}.png", "text": scene.prompt, "nouns": list(scene.nouns), "reward": r})
@@ -147,7 +147,7 @@ def generate(pipe: Any, prompts: list[str], settings: Settings, seed: int, **kwa
 def accuracy(images: np.ndarray, scenes: Sequence[shapes.Scene]) -> dict[str, float]:
     """`acc/<category>`, `acc/all` (the mean over categories) and `acc/held_out` (prompts with a
     held-out pair or layout; absent when there is none), each the share of prompts judged correct."""
-    correct = np.array([shapes.evaluate(image, s)["correct"] for image, s in zip(images, scenes)])
+    correct = np.array([shapes_eval.evaluate(image, s)["correct"] for image, s in zip(images, scenes)])
     categories = np.array([s.category for s in scenes])
     out = {f"acc/{c}": float(correct[categories == c].mean()) for c in shapes.CATEGORIES}
     out["acc/all"] = float(np.mean([out[f"acc/{c}"] for c in shapes.CATEGORIES]))
