@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # and `ctcal_jax.sampling`, whose `load_pipeline(path)` (API.md) reads a diffusers folder: it imports
 # `conversion` inside that function and `generate`'s LoRA-file branch only.
 PROGRAMS = {"ctcal_jax/prepare.py", "ctcal_jax/train.py", "ctcal_jax/compile_check.py", "ctcal_jax/sampling.py",
-            "ctcal_jax/sample.py", "ctcal_jax/pretrain_shapes.py"}
+            "ctcal_jax/sample.py", "ctcal_jax/pretrain_shapes.py", "ctcal_jax/experiments/shapes.py"}
 
 
 def imported_packages(file: Path) -> set[str]:
