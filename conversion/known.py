@@ -44,6 +44,14 @@ SD35_MEDIUM = dict(
     caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384, qk_norm="rms_norm",
     dual_attention_layers=tuple(range(13)),
 )
+# FLUX.1-dev's transformer (`black-forest-labs/FLUX.1-dev/transformer/config.json`); schnell differs only
+# in having no guidance embedding.
+FLUX_DEV = dict(
+    _class_name="FluxTransformer2DModel", patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+    attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_SCHNELL = {**FLUX_DEV, "guidance_embeds": False}
 
 
 def _sd2_scheduler(prediction_type: str) -> dict[str, Any]:
