@@ -52,8 +52,8 @@ from ctcal_jax.models.mmdit import (
     AdaLayerNormZero,
     CombinedTimestepTextProjEmbeddings,
     FeedForward,
-    _layer_norm,
-    _modulate,
+    layer_norm,
+    modulate,
 )
 from ctcal_jax.models.remat import Remat, block as remat_block
 
@@ -186,15 +186,15 @@ class FluxTransformerBlock(nn.Module):
         c0, (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = AdaLayerNormZero(
             6, self.dtype, name="norm1_context")(context, temb)
         img, txt, maps = FluxAttention(self.heads, self.dim_head, self.implementation, self.dtype, name="attn")(
-            _modulate(x0, shift_msa, scale_msa), _modulate(c0, c_shift_msa, c_scale_msa),
+            modulate(x0, shift_msa, scale_msa), modulate(c0, c_shift_msa, c_scale_msa),
             rope=rope, gamma=gamma, capture=capture)
 
         x = x + gate_msa[:, None] * img
-        h = _modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+        h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         x = x + gate_mlp[:, None] * FeedForward(self.dtype, name="ff")(h)
 
         context = context + c_gate_msa[:, None] * txt
-        h = _modulate(_layer_norm(self.dtype, "norm2_context")(context), c_shift_mlp, c_scale_mlp)
+        h = modulate(layer_norm(self.dtype, "norm2_context")(context), c_shift_mlp, c_scale_mlp)
         context = context + c_gate_mlp[:, None] * FeedForward(self.dtype, name="ff_context")(h)
         return x, context, maps
 
@@ -214,7 +214,7 @@ class FluxSingleTransformerBlock(nn.Module):
     def __call__(self, x, temb, rope, gamma=None, text_len: int = 0, capture: bool = False):
         dim = x.shape[-1]
         h, (shift, scale, gate) = AdaLayerNormZero(3, self.dtype, name="norm")(x, temb)
-        h = _modulate(h, shift, scale)
+        h = modulate(h, shift, scale)
         mlp = nn.gelu(Dense(int(dim * self.mlp_ratio), dtype=self.dtype, name="proj_mlp")(h), approximate=True)
         attn, _, maps = FluxAttention(self.heads, self.dim_head, self.implementation, self.dtype, name="attn")(
             h, rope=rope, text_len=text_len, gamma=gamma, capture=capture)

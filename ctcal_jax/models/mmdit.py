@@ -35,13 +35,13 @@ from ctcal_jax.models.remat import Remat, block as remat_block
 from ctcal_jax.models.unet import Proj
 
 
-def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
     """diffusers' `LayerNorm(elementwise_affine=False, eps=1e-6)`, two-pass variance as PyTorch."""
     return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False,
                         dtype=dtype, name=name)
 
 
-def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """`x * (1 + scale) + shift` with per-sample `[B, D]` shift/scale over `[B, L, D]`."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
@@ -118,7 +118,7 @@ class AdaLayerNormZero(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
         emb = Dense(self.chunks * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
-        return _layer_norm(self.dtype, "norm")(x), jnp.split(emb, self.chunks, axis=-1)
+        return layer_norm(self.dtype, "norm")(x), jnp.split(emb, self.chunks, axis=-1)
 
 
 class AdaLayerNormContinuous(nn.Module):
@@ -130,7 +130,7 @@ class AdaLayerNormContinuous(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
         emb = Dense(2 * x.shape[-1], dtype=self.dtype, name="linear")(nn.silu(temb))
         scale, shift = jnp.split(emb, 2, axis=-1)
-        return _modulate(_layer_norm(self.dtype, "norm")(x), shift, scale)
+        return modulate(layer_norm(self.dtype, "norm")(x), shift, scale)
 
 
 class FeedForward(nn.Module):
@@ -219,21 +219,21 @@ class JointTransformerBlock(nn.Module):
         else:
             c0, c_mods = AdaLayerNormZero(6, self.dtype, name="norm1_context")(context, temb)
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
-            c_norm = _modulate(c0, c_shift_msa, c_scale_msa)
+            c_norm = modulate(c0, c_shift_msa, c_scale_msa)
 
         img, txt, maps = attention("attn", context_pre_only=self.context_pre_only)(
-            _modulate(x0, shift_msa, scale_msa), c_norm, gamma=gamma, capture=capture)
+            modulate(x0, shift_msa, scale_msa), c_norm, gamma=gamma, capture=capture)
         x = x + gate_msa[:, None] * img
         if self.use_dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
-            x = x + gate_msa2[:, None] * attention("attn2")(_modulate(x0, shift_msa2, scale_msa2))[0]
-        h = _modulate(_layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
+            x = x + gate_msa2[:, None] * attention("attn2")(modulate(x0, shift_msa2, scale_msa2))[0]
+        h = modulate(layer_norm(self.dtype, "norm2")(x), shift_mlp, scale_mlp)
         x = x + gate_mlp[:, None] * FeedForward(self.dtype, name="ff")(h)
         if self.context_pre_only:
             return x, None, maps
 
         context = context + c_gate_msa[:, None] * txt
-        h = _modulate(_layer_norm(self.dtype, "norm2_context")(context), c_shift_mlp, c_scale_mlp)
+        h = modulate(layer_norm(self.dtype, "norm2_context")(context), c_shift_mlp, c_scale_mlp)
         context = context + c_gate_mlp[:, None] * FeedForward(self.dtype, name="ff_context")(h)
         return x, context, maps
 
