@@ -7,16 +7,35 @@ Read:
   its prefix (`unet.lora_alpha`, `unet.alpha_pattern`, `unet.use_rslora`, ...), which diffusers
   passes to `LoraConfig(**...)` when loading; else from `{component}.{module}.alpha` tensors; else
   alpha = rank, diffusers' rule for files without alphas.
-- kohya: `lora_unet_{module}`, `lora_te_`/`lora_te1_` (text_encoder), `lora_te2_` (text_encoder_2)
-  with `.lora_down.weight`, `.lora_up.weight`, `.alpha`; the module path is written with `_` for
-  `.`, split back with the multi-word module names below (or exactly, given the params).
+- kohya: `lora_unet_{module}`, `lora_transformer_{module}` (transformer), `lora_te_`/`lora_te1_`
+  (text_encoder), `lora_te2_` (text_encoder_2) with `.lora_down.weight`, `.lora_up.weight`, `.alpha`;
+  the module path is written with `_` for `.`, split back with the multi-word module names below
+  (or exactly, given the params).
+- FLUX.1 under BFL's original module names (`conversion.flux.ORIGINAL_MODULES`), read into the
+  transformer's diffusers modules:
+  kohya / sd-scripts `lora_unet_double_blocks_{i}_img_attn_qkv.lora_down.weight` (also `_img_attn_proj`,
+  `_img_mlp_0/2`, `_img_mod_lin`, the same with `txt_`, `lora_unet_single_blocks_{i}_linear1`,
+  `_linear2`, `_modulation_lin`, `lora_unet_img_in`, `_txt_in`, `_time_in_in_layer`, `_vector_in_…`,
+  `_guidance_in_…`, `_final_layer_linear`, `_final_layer_adaLN_modulation_1`), and the dotted names
+  (`double_blocks.{i}.img_attn.qkv`) bare or under `diffusion_model.` (ComfyUI, BFL), `transformer.`
+  or `base_model.model.`, with `lora_A/lora_B` or `lora_down/lora_up` weights and `.alpha`. As
+  diffusers converts them: a fused layer's down (A) weight is shared by the modules it holds and its
+  up (B) rows are split between them (`qkv` into q, k, v; `linear1` into q, k, v and `proj_mlp`,
+  3·D + 4·D rows), each module keeping the layer's rank and alpha, so every module's update is its
+  rows of the layer's `(alpha / r) · up @ down`; when the up weight is block-diagonal (rank a
+  multiple of the split count, every other block zero) each module instead gets its own block of
+  rank r/n, with alpha / n. The final modulation's up rows go from BFL's (shift, scale) to diffusers'
+  (scale, shift). Without `.alpha`, alpha = rank (scale 1). Unlike diffusers 0.42, the layers
+  outside the blocks (`img_in`, `final_layer`, ...) are kept and take their alphas.
 Written: the diffusers / peft form with `lora_adapter_metadata`, what
-`DiffusionPipeline.load_lora_weights(dir)` reads, alpha ≠ rank included.
+`DiffusionPipeline.load_lora_weights(dir)` reads (`FluxPipeline`'s for a FLUX.1 transformer), alpha ≠
+rank included; the per-module rank and alpha patterns anchored at the module path's start (`^`).
 
 Components are `unet`, `transformer`, `text_encoder`, `text_encoder_2`. transformers' CLIP may
 or may not nest its modules under `text_model` (transformers 5 flattens `CLIPTextModel` only):
 files carry the `text_model.` prefix, which diffusers strips when the model has none, and the peft
-config names modules without it, which matches either way (peft matches module-name suffixes).
+config names modules without it, which matches either way (peft matches module-name suffixes; the
+anchored patterns allow the prefix, `^(text_model\.)?`).
 """
 
 from __future__ import annotations
@@ -32,7 +51,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from conversion import files, load, names
+from conversion import files, flux, load, names
 from ctcal_jax import lora
 from ctcal_jax.atomic import atomic_write
 
@@ -46,10 +65,16 @@ _DIFFUSERS_TAILS = {
     ".alpha": "alpha",
 }
 _KOHYA_TAILS = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                   "lora_te2_": "text_encoder_2"}
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_transformer_": "transformer", "lora_te_": "text_encoder",
+                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+# FLUX.1 under BFL's module names (`flux.ORIGINAL_MODULES`): the prefixes and tails seen in the wild.
+_ORIGINAL_PREFIXES = ("lora_unet_", "diffusion_model.", "transformer.", "base_model.model.", "")
+_ORIGINAL_TAILS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A",
+                   ".lora_up.weight": "B", ".alpha": "alpha"}
+_ORIGINAL_ROOTS = re.compile(r"(double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer)"
+                             r"([._]|$)")
 
-# Module names containing `_` in the diffusers UNet / SD3 transformer and transformers' CLIP;
+# Module names containing `_` in the diffusers UNet / SD3 and FLUX transformers and transformers' CLIP;
 # kohya writes every `.` of a module path as `_`, and these are the parts that keep theirs.
 _MODULE_WORDS = frozenset({
     "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "proj_in", "proj_out", "to_q",
@@ -57,7 +82,8 @@ _MODULE_WORDS = frozenset({
     "time_embedding", "linear_1", "linear_2", "norm_out", "context_embedder", "pos_embed",
     "time_text_embed", "timestep_embedder", "text_embedder", "norm1_context", "ff_context",
     "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "text_model", "self_attn", "q_proj",
-    "k_proj", "v_proj", "out_proj", "final_layer_norm", "text_projection",
+    "k_proj", "v_proj", "out_proj", "final_layer_norm", "text_projection", "single_transformer_blocks",
+    "proj_mlp", "x_embedder", "guidance_embedder",
 })
 _MAX_WORDS = max(len(w.split("_")) for w in _MODULE_WORDS)
 
@@ -70,7 +96,8 @@ def import_lora(
     *,
     allow_pickle: bool = False,
 ) -> dict[str, lora.LoraTree]:
-    """Read a diffusers/peft or kohya LoRA file into `{component: LoRA tree}` (`ctcal_jax.lora`).
+    """Read a diffusers/peft or kohya LoRA file, or a FLUX one under BFL's module names, into
+    `{component: LoRA tree}` (`ctcal_jax.lora`; the formats are listed in the module docstring).
 
     Args:
       path: the `.safetensors` file, or a folder holding `pytorch_lora_weights.safetensors` (or a
@@ -96,26 +123,52 @@ def import_lora(
                          "code; convert to safetensors or pass allow_pickle=True")
     parts: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     keys: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
-    unknown = []
+    originals: dict[str, dict[str, np.ndarray]] = {}  # FLUX layers under BFL's names
+    unknown, problems = [], []
     for key, tensor in tensors.items():
-        parsed = _parse_key(key)
-        if parsed is None:
-            unknown.append(key)
-            continue
-        component, module, part = parsed
-        parts.setdefault(component, {}).setdefault(module, {})[part] = tensor
-        keys[component, module].append(key)
+        original = _parse_original_key(key)
+        if original is not None:
+            written, part = original
+            component, name = "transformer", flux.original_module(written)
+            if name is None:
+                problems.append(f"{key}: names no FLUX.1 layer (conversion.flux.ORIGINAL_MODULES)")
+                continue
+            slot = originals.setdefault(name, {})
+        else:
+            parsed = _parse_key(key)
+            if parsed is None:
+                unknown.append(key)
+                continue
+            component, name, part = parsed
+            slot = parts.setdefault(component, {}).setdefault(name, {})
+        if part in slot:
+            problems.append(f"{sorted(keys[component, name] + [key])}: two {part} tensors for one module")
+        slot[part] = tensor
+        keys[component, name].append(key)
     if unknown:
         raise ValueError(f"{file}: {len(unknown)} of {len(tensors)} keys are not LoRA weights of a supported "
-                         f"format (diffusers/peft lora_A/lora_B, kohya lora_down/lora_up): "
-                         f"{files.shortlist(sorted(unknown))}")
-    if not parts:
+                         f"format (diffusers/peft lora_A/lora_B, kohya lora_down/lora_up, FLUX.1 under BFL's "
+                         f"names): {files.shortlist(sorted(unknown))}")
+    for name, p in originals.items():
+        try:
+            split = _split_original(name, p)
+        except ValueError as e:
+            problems.append(f"{sorted(keys['transformer', name])}: {e}")
+            continue
+        for module, sub in split.items():
+            if module in parts.get("transformer", {}):
+                problems.append(f"{sorted(keys['transformer', name])}: a second adapter for {module} (also "
+                                f"{sorted(keys['transformer', module])})")
+                continue
+            parts.setdefault("transformer", {})[module] = sub
+            keys["transformer", module] = keys["transformer", name]
+    if not parts and not problems:
         raise ValueError(f"{file}: no LoRA weights (the file holds no tensors)")
-    if params is not None and not set(parts) & set(params):
+    if parts and params is not None and not set(parts) & set(params):
         raise ValueError(f"{file}: LoRA for components {sorted(parts)} but params= holds {sorted(params)}: "
                          f"none of them; pass the params of the file's components, or no params")
     configs = _read_configs(file, metadata)
-    out, problems = {}, []
+    out = {}
     for component, modules in parts.items():
         out[component] = {}
         for module, p in modules.items():
@@ -159,7 +212,7 @@ def export_lora(out_dir: str | Path, loras: Mapping[str, Mapping[str, Any]]) -> 
             name = _config_module(component, module)
             ranks[name], alphas[name] = a.shape[1], _number(lora.alpha(ab))
         if ranks:
-            metadata.update({f"{component}.{k}": v for k, v in _peft_config(ranks, alphas).items()})
+            metadata.update({f"{component}.{k}": v for k, v in _peft_config(component, ranks, alphas).items()})
     if not tensors:
         raise ValueError("no LoRA weights to export")
     out_dir = Path(out_dir)
@@ -244,6 +297,38 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+def _parse_original_key(key: str) -> tuple[str, str] | None:
+    """`(module name as written, "A" | "B" | "alpha")` of a key under one of FLUX.1's BFL roots
+    (`double_blocks`, `img_in`, ...; module docstring), or None."""
+    for tail, part in _ORIGINAL_TAILS.items():
+        if key.endswith(tail):
+            name = key[: -len(tail)]
+            for prefix in _ORIGINAL_PREFIXES:
+                if name.startswith(prefix) and _ORIGINAL_ROOTS.match(name[len(prefix):]):
+                    return name[len(prefix):], part
+    return None
+
+
+def _split_original(name: str, parts: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The LoRA parts (`A [r, in]`, `B [out, r]`, alpha) of the diffusers modules that the BFL layer
+    `name` holds, as diffusers' `_convert_kohya_flux_lora_to_diffusers` splits them (module docstring)."""
+    if "A" not in parts or "B" not in parts:
+        raise ValueError("a down/A weight and an up/B weight are both needed")
+    a, b = np.asarray(parts["A"]), np.asarray(parts["B"])
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise ValueError(f"shapes {a.shape} and {b.shape} are not a Linear LoRA pair")
+    rank = a.shape[0]
+    alpha = _alpha(parts["alpha"]) if "alpha" in parts else float(rank)
+    split = flux.original_split(name, b.shape[0])
+    n = len(split)
+    blocks = [np.arange(j * rank // n, (j + 1) * rank // n) for j in range(n)]
+    if n > 1 and rank % n == 0 and all(not b[np.ix_(rows, blocks[k])].any()
+                                       for j, (_, rows) in enumerate(split) for k in range(n) if k != j):
+        return {module: {"A": a[blocks[j]], "B": b[np.ix_(rows, blocks[j])], "alpha": np.float64(alpha / n)}
+                for j, (module, rows) in enumerate(split)}
+    return {module: {"A": a, "B": b[rows], "alpha": np.float64(alpha)} for module, rows in split}
+
+
 def _kohya_module(name: str) -> str:
     """`down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0` -> `down_blocks.0.…attn1.to_out.0`."""
     words, parts, i = name.split("_"), [], 0
@@ -282,19 +367,27 @@ def _adapter(parts: Mapping[str, np.ndarray], module: str, config: Mapping[str, 
         raise ValueError(f"shapes {a.shape} and {b.shape} are not a Linear LoRA pair "
                          "(convolution LoRA is not supported)")
     rank = a.shape[0]
+    if rank == 0:
+        raise ValueError(f"shapes {a.shape} and {b.shape}: rank 0")
     if "alpha" in parts:
-        value = np.asarray(parts["alpha"], np.float64)
-        if value.size != 1:  # kohya files in the wild carry shape () or (1,)
-            raise ValueError(f"alpha of shape {value.shape}: expected one number")
-        alpha = float(value.reshape(()))
-        if not math.isfinite(alpha):
-            raise ValueError(f"alpha {alpha}: expected a finite number")
+        alpha = _alpha(parts["alpha"])
     elif config is not None:
         alpha = _config_alpha(config, module, rank)
     else:
         alpha = float(rank)
     return {"A": jnp.asarray(np.asarray(a, np.float32).T), "B": jnp.asarray(np.asarray(b, np.float32).T),
             "alpha": lora.Alpha(alpha)}
+
+
+def _alpha(tensor: np.ndarray) -> float:
+    """A LoRA alpha tensor as a finite float."""
+    value = np.asarray(tensor, np.float64)
+    if value.size != 1:  # kohya files in the wild carry shape () or (1,)
+        raise ValueError(f"alpha of shape {value.shape}: expected one number")
+    alpha = float(value.reshape(()))
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha {alpha}: expected a finite number")
+    return alpha
 
 
 def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
@@ -374,16 +467,24 @@ def _config_module(component: str, module: str) -> str:
     return module.removeprefix("text_model.") if component.startswith("text_encoder") else module
 
 
-def _peft_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
-    """The peft `LoraConfig` fields that reproduce per-module ranks and alphas."""
+def _peft_config(component: str, ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+    """The peft `LoraConfig` fields that reproduce per-module ranks and alphas.
+
+    peft matches a pattern against any dotted suffix of a module path, so patterns are anchored with
+    `^` (as diffusers writes them, peft#2419): FLUX's `proj_out` must not also name
+    `single_transformer_blocks.0.proj_out`; CLIP's may start with `text_model.` (module docstring).
+    (A `target_modules` entry matches suffixes too, so such a module gets an extra adapter there,
+    which the file leaves at peft's zero B: no effect.)
+    """
+    start = r"^(text_model\.)?" if component.startswith("text_encoder") else "^"
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
     return {
         "r": r,
         "lora_alpha": alpha,
         "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
+        "rank_pattern": {start + re.escape(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {start + re.escape(m): v for m, v in alphas.items() if v != alpha},
     }
 
 

@@ -37,8 +37,12 @@ def one_line(message: str, *names: str) -> None:
 # --- LoRA keys -----------------------------------------------------------------------------------
 
 MODULE_WORD = st.sampled_from(sorted(lora_files._MODULE_WORDS) + ["attn1", "attn2", "ff", "net", "proj", "0", "1",
-                                                                   "12", "x", "", "_", "lora", "weight"])
-PREFIXES = [*lora_files._KOHYA_PREFIXES, *(c + "." for c in lora_files.COMPONENTS), "vae.", "", "lora_"]
+                                                                   "12", "x", "", "_", "lora", "weight"]
+                              # FLUX.1 under BFL's names
+                              + ["double_blocks", "single_blocks", "img_attn", "txt_mlp", "qkv", "linear1", "img_in",
+                                 "final_layer", "adaLN_modulation", "mod", "lin", "in_layer"])
+PREFIXES = [*lora_files._KOHYA_PREFIXES, *(c + "." for c in lora_files.COMPONENTS), "vae.", "", "lora_",
+            *lora_files._ORIGINAL_PREFIXES]
 TAILS = [*lora_files._KOHYA_TAILS, *(t.lstrip(".") for t in lora_files._DIFFUSERS_TAILS), "lora_magnitude_vector",
          "hada_w1_a", "weight", "", "alpha.alpha"]
 
@@ -88,6 +92,27 @@ def test_import_lora_on_random_files(keys, data):
         except ValueError as e:
             one_line(str(e), str(file))
             assert len(str(e)) < 2000, str(e)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(layer=st.sampled_from(["lora_unet_single_blocks_0_linear1", "diffusion_model.double_blocks.1.txt_attn.qkv",
+                              "final_layer.adaLN_modulation.1", "lora_unet_img_in"]),
+       tails=st.lists(st.sampled_from(["lora_down.weight", "lora_up.weight", "lora_A.weight", "alpha"]), min_size=1,
+                      max_size=3, unique=True),
+       data=st.data())
+def test_import_flux_original_layers_of_any_shape(layer, tails, data):
+    """Fused FLUX layers (split, block-diagonal detection, row swap) with tensors of any shape and value."""
+    tensors = {f"{layer}.{t}": np.full(data.draw(st.lists(st.integers(0, 14), max_size=3).map(tuple)),
+                                       data.draw(st.sampled_from([0.0, 1.0, np.nan])), np.float32) for t in tails}
+    with tempfile.TemporaryDirectory() as d:
+        file = Path(d) / "lora.safetensors"
+        files.write_safetensors(file, tensors)
+        try:
+            out = import_lora(file)
+        except ValueError as e:
+            one_line(str(e), str(file))
+            return
+        assert list(out) == ["transformer"]
 
 
 @settings(max_examples=60, **SETTINGS)
