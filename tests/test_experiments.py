@@ -63,10 +63,15 @@ def test_the_fine_tunes_share_everything_but_objective_and_data(tmp_path):
     for c in configs.values():
         config_lib.check(c)
         assert (c.seed, c.total_steps, c.eval.every) == (7, 3, 0)
-    assert [configs[m].objective for m in experiment.TRAINED] == ["diffusion", "diffusion", "ctcal"]
+    assert [configs[m].objective for m in ("diffusion", "gors", "ctcal")] == ["diffusion", "diffusion", "ctcal"]
     assert configs["gors"].data.kind == "imagefolder" and configs["ctcal"].data.kind == "shapes"
     same = {k: v for k, v in configs["ctcal"].items() if k not in ("objective", "data")}
     assert {k: v for k, v in configs["diffusion"].items() if k not in ("objective", "data")} == same
+    # Each Table-4 ablation is CTCAL with one switch off.
+    for method, switch in experiment.ABLATIONS.items():
+        changed = {k for k in configs["ctcal"].ctcal if configs[method].ctcal[k] != configs["ctcal"].ctcal[k]}
+        assert changed == {switch} and configs[method].objective == "ctcal", method
+    assert configs["ctcal-alltokens"].ctcal.tokens == "all" and not configs["ctcal-pixel"].ctcal.semantic
     with pytest.raises(ValueError, match="not trained"):
         experiment.train_config(demo_config(), "base", 0, TINY, tmp_path)
 

@@ -15,6 +15,9 @@ same sampler (25 DDIM / flow-matching Euler steps, CFG 5) and, for seed s, the s
   base's own samples of training prompts, each weighted by the evaluator's reward (the share of the
   prompt's objects present, and its relation), rows with reward < `GORS_MIN_REWARD` dropped; CTCAL
   on rendered scenes with SPEC §3's objective.
+- `ctcal-pixel`, `ctcal-noreg`, `ctcal-alltokens`, `ctcal-noadaptive`: CTCAL's Table-4 ablations
+  (pixel alignment only, no subject-balance regulariser, every token instead of the nouns, no
+  timestep weight λ_t), otherwise as `ctcal`; not in the default `--methods`.
 - `iterref`: the base with IterRef (SPEC §6) at SD 1.4's step, k = 8 of 50, scaled to the sampler's
   steps (k = 4 of 25 DDIM steps, t = 801), with the config's `sample.iterref.*` (lr 1e-2, 50 Adam
   updates, CN + IoU); the subjects are the shape words.
@@ -55,7 +58,10 @@ from ctcal_jax.families.common import latents
 from ctcal_jax.iterref import IterRef
 from ctcal_jax.viz import save_png
 
-TRAINED = ("diffusion", "gors", "ctcal")
+# CTCAL's Table-4 ablations: which `config.ctcal` switch each turns off.
+ABLATIONS = {"ctcal-pixel": "semantic", "ctcal-noreg": "regularizer", "ctcal-alltokens": "tokens",
+             "ctcal-noadaptive": "adaptive_weight"}
+TRAINED = ("diffusion", "gors", "ctcal", *ABLATIONS)
 METHODS = ("base", *TRAINED, "iterref", "base-sd3", "taca")
 SD3_METHODS = ("base-sd3", "taca")
 ITERREF_STEP = 8 / 50  # SPEC §6, SD 1.4: step index 8 of 50
@@ -67,7 +73,8 @@ GORS_SEED = 10_000  # the GORS samples' noise seeds start here, away from the ev
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Output directory (created; a second call resumes).")
 flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (training and sampling).")
-flags.DEFINE_string("methods", ",".join(METHODS), f"Comma-separated subset of {','.join(METHODS)}.")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ABLATIONS)
+flags.DEFINE_string("methods", ",".join(DEFAULT_METHODS), f"Comma-separated subset of {','.join(METHODS)}.")
 flags.DEFINE_integer("steps", 300, "Fine-tuning steps of 16 images (diffusion, gors, ctcal).")
 flags.DEFINE_integer("n", 16, "Test prompts per category.")
 flags.DEFINE_integer("gors_rows", 256, "Training prompts the base samples for GORS.")
@@ -98,6 +105,13 @@ def train_config(config: ml_collections.ConfigDict, method: str, seed: int, sett
     c.compilation_cache_dir = str(out / "jax_cache")  # seeds after the first reuse the compiled step
     if method == "ctcal":
         c.objective = "ctcal"
+    elif method in ABLATIONS:
+        c.objective = "ctcal"
+        switch = ABLATIONS[method]
+        if switch == "tokens":
+            c.ctcal.tokens = "all"
+        else:
+            c.ctcal[switch] = False
     elif method == "diffusion":
         c.objective = "diffusion"
     elif method == "gors":
