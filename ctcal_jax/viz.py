@@ -206,15 +206,23 @@ def attention_figure(rows: Sequence[dict[str, Any]], tile: int = 256) -> Image.I
     Returns:
       The figure as an RGB PIL image.
     """
-    if not rows:
-        raise ValueError("attention_figure needs at least one prompt")
+    return labelled_maps_figure([
+        {**r, "rows": [(f"{who}\nt={float(r[f't_{who}']):.4g}", r[who]) for who in ("student", "teacher")]}
+        for r in rows], tile)
+
+
+def labelled_maps_figure(blocks: Sequence[dict[str, Any]], tile: int = 256) -> Image.Image:
+    """Per prompt a block: the prompt as title, then one row per `(label, maps [h, w, N])` of
+    `block["rows"]`, each the image (`block["image"]`, `[H, W, 3]` in [0, 1]) followed by one
+    overlay per word of `block["words"]` (maps in [0, 1]); labels on the left. `attention_figure`
+    is this with student and teacher rows."""
+    if not blocks:
+        raise ValueError("a maps figure needs at least one prompt")
     if tile < MIN_TILE:
         raise ValueError(f"tile must be at least {MIN_TILE} px, got {tile}")
     fnt = font(max(12, tile // 12))
-    labelled = [[(f"{who}\nt={float(r[f't_{who}']):.4g}", r[who]) for who in ("student", "teacher")] for r in rows]
-    label_w = max(_text_size(_MEASURE, label, fnt)[0] for block in labelled for label, _ in block) + _GAP
-    return stack([_prompt_block(r["prompt"], r["image"], r["words"], block, tile, fnt, label_w)
-                   for r, block in zip(rows, labelled)])
+    label_w = max(_text_size(_MEASURE, label, fnt)[0] for b in blocks for label, _ in b["rows"]) + _GAP
+    return stack([_prompt_block(b["prompt"], b["image"], b["words"], b["rows"], tile, fnt, label_w) for b in blocks])
 
 
 def subject_figure(prompt: str, image: Any, words: Sequence[str], maps: Any, tile: int = 256) -> Image.Image:

@@ -94,6 +94,7 @@ def test_the_base_row_table_resume_and_settings_check(tmp_path):
     assert set(row) >= {f"acc/{c}" for c in (*shapes.CATEGORIES, "all", "held_out")} | {"iou/t100", "iou/t800"}
     assert all(0 <= row[k] <= 1 for k in row if k.startswith(("acc/", "iou/")))
     assert "| base | 1 |" in (out / "table.md").read_text()
+    assert (out / "figures" / "maps_base-0.png").exists()
     assert experiment.run(demo_config(), out, [0], ["base"], TINY) == rows  # resumed: nothing new to run
     with pytest.raises(ValueError, match="results.jsonl: made with other settings"):
         experiment.run(demo_config(), out, [0], ["base"], experiment.Settings(3, 1, 8, 2, 5.0))

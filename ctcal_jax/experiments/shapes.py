@@ -29,8 +29,10 @@ each noun's alignment map (SPEC §2's processing, `probe.noun_maps`, thresholded
 object's ground-truth mask, on the rendered test scenes noised to `IOU_TIMESTEPS` (small and large t).
 
 OUT holds `results.jsonl` (one row per method and seed; a killed run resumes and skips the rows it
-has), `table.md` (mean ± standard deviation over seeds), `runs/<method>-<seed>/` (the trainer's work
-directories: `lora/`, metrics, checkpoints), `gors_data/` (the GORS image folder) and `jax_cache/`.
+has), `table.md` (mean ± standard deviation over seeds), `figures/maps_<method>-<seed>.png` (UNet
+methods: the first test scene of each category with each noun's map at both timesteps),
+`runs/<method>-<seed>/` (the trainer's work directories: `lora/`, metrics, checkpoints),
+`gors_data/` (the GORS image folder) and `jax_cache/`.
 """
 
 from __future__ import annotations
@@ -49,14 +51,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from ctcal_jax import probe, sampling, train
+from ctcal_jax import probe, sampling, train, viz
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.attention import TACA
 from ctcal_jax.data import shapes, shapes_eval
 from ctcal_jax.data.examples import text_example
 from ctcal_jax.families.common import latents
 from ctcal_jax.iterref import IterRef
-from ctcal_jax.viz import save_png
 
 # CTCAL's Table-4 ablations: which `config.ctcal` switch each turns off.
 ABLATIONS = {"ctcal-pixel": "semantic", "ctcal-noreg": "regularizer", "ctcal-alltokens": "tokens",
@@ -143,7 +144,7 @@ def gors_data(pipe: Any, folder: Path, settings: Settings) -> dict[str, float]:
         for i, (scene, image) in enumerate(zip(scenes, images)):
             r = reward(shapes_eval.evaluate(image, scene))
             if r >= GORS_MIN_REWARD:
-                save_png(image, folder / f"{i:05d}.png")
+                viz.save_png(image, folder / f"{i:05d}.png")
                 rows.append({"file_name": f"{i:05d}.png", "text": scene.prompt, "nouns": list(scene.nouns), "reward": r})
         with atomic_write(meta) as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -173,14 +174,16 @@ def accuracy(images: np.ndarray, scenes: Sequence[shapes.Scene]) -> dict[str, fl
 
 class MapIoU:
     """IoU of each noun's alignment map with its object's mask, on the rendered test scenes at the
-    timesteps `IOU_TIMESTEPS` (class docstring of the module, (b)); compiled once per pipeline."""
+    timesteps `IOU_TIMESTEPS` (the module docstring's (b)), and a figure of those maps; compiled
+    once per pipeline."""
 
     def __init__(self, config: ml_collections.ConfigDict, pipe: Any, scenes: Sequence[shapes.Scene]):
         self.pipe, self.scenes = pipe, list(scenes)
         rendered = [shapes.render(s) for s in self.scenes]
         examples = [text_example(pipe.encoders, s.prompt, s.nouns, max_nouns=config.data.max_nouns) for s in self.scenes]
         self.batch = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *examples)
-        self.batch["images"] = jnp.asarray(np.stack([img for img, _ in rendered]), jnp.float32) / 127.5 - 1
+        self.images = np.stack([img for img, _ in rendered])
+        self.batch["images"] = jnp.asarray(self.images, jnp.float32) / 127.5 - 1
         self.masks = [m for _, m in rendered]
 
         @jax.jit
@@ -188,16 +191,29 @@ class MapIoU:
             batch = {**batch, "latents": latents(batch, frozen, pipe.vae, jax.random.key(config.seed))}
             return probe.noun_maps(config, pipe, frozen, trainable, batch, t)
 
-        self.maps = maps
+        self._maps = maps
+
+    def maps(self, adapters: dict[str, Any]) -> dict[int, np.ndarray]:
+        """Per timestep of `IOU_TIMESTEPS`, every scene's noun maps `[B, h, w, N]` in [0, 1]."""
+        return {t: np.asarray(self._maps(self.pipe.params, adapters, self.batch, jnp.float32(t))) for t in IOU_TIMESTEPS}
 
     def __call__(self, adapters: dict[str, Any]) -> dict[str, float]:
         out = {}
-        for t in IOU_TIMESTEPS:
-            m = np.asarray(self.maps(self.pipe.params, adapters, self.batch, jnp.float32(t)))
+        for t, m in self.maps(adapters).items():
             ious = [mask_iou(m[i, ..., j] >= IOU_THRESHOLD, mask)
                     for i, masks in enumerate(self.masks) for j, mask in enumerate(masks)]
             out[f"iou/t{t}"] = float(np.mean(ious))
         return out
+
+    def figure(self, adapters: dict[str, Any], title: str) -> Any:
+        """The first test scene of each category: its render, then each noun's map at every timestep."""
+        maps = self.maps(adapters)
+        firsts = [next(i for i, s in enumerate(self.scenes) if s.category == c) for c in shapes.CATEGORIES]
+        return viz.labelled_maps_figure([
+            {"prompt": f"{title}: {self.scenes[i].prompt}", "image": self.images[i] / 255.0,
+             "words": list(self.scenes[i].nouns),
+             "rows": [(f"t={t}", m[i, ..., :len(self.scenes[i].nouns)]) for t, m in maps.items()]}
+            for i in firsts], tile=128)
 
 
 def mask_iou(predicted: np.ndarray, mask: np.ndarray) -> float:
@@ -289,6 +305,11 @@ def run(config: ml_collections.ConfigDict, out: Path, seeds: Sequence[int], meth
                 f.writelines(json.dumps(r) + "\n" for r in rows)
             with atomic_write(out / "table.md") as f:
                 f.write(summarise(rows))
+    for r in rows:  # also those of an earlier call
+        figure = out / "figures" / f"maps_{r['method']}-{r['seed']}.png"
+        if r["method"] in ("base", *TRAINED) and not figure.exists():
+            adapters = adapters_of(sd2, out / "runs" / f"{r['method']}-{r['seed']}") if r["method"] in TRAINED else {}
+            viz.save_png(iou.figure(adapters, f"{r['method']} (seed {r['seed']})"), figure)
     return rows
 
 
