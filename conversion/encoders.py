@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from conversion import files
 from conversion.load import load_component
 from ctcal_jax.sharding import Rules
-from ctcal_jax.text import TOKENIZERS, Family, PromptEncoders
+from ctcal_jax.text import T5_COMPONENT, TOKENIZERS, Family, PromptEncoders
 
 _TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast")
 
@@ -21,7 +21,7 @@ def load_encoders(
     dtype: Any = jnp.float32,
     *,
     compute_dtype: Any = None,
-    max_sequence_length: int = 256,
+    max_sequence_length: int | None = None,
     with_t5: bool = True,
     mesh: Mesh | None = None,
     rules: Rules | None = None,
@@ -29,20 +29,25 @@ def load_encoders(
     """Tokenizers and text encoders of a diffusers pipeline folder, offline: `(encoders, params)`.
 
     SD 1.x/2.x folders hold `text_encoder` (+ `tokenizer`); SD3 folders add `text_encoder_2` and,
-    unless saved without it, `text_encoder_3` (T5). `dtype`/`compute_dtype`/`mesh`/`rules` as in
-    `load_component`; `max_sequence_length` is SD3's T5 token count. `with_t5=False` loads T5's
-    tokenizer but not its weights (data that brings precomputed T5 embeddings: a T5-XXL is 4.7 B
-    parameters the step would only hold).
+    unless saved without it, `text_encoder_3` (T5); FLUX.1 folders (`FluxPipeline`) hold CLIP-L as
+    `text_encoder` and T5 as `text_encoder_2`. `dtype`/`compute_dtype`/`mesh`/`rules` as in
+    `load_component`; `max_sequence_length` is the T5 token count (default the pipelines': SD3 256,
+    FLUX.1 512). `with_t5=False` loads T5's tokenizer but not its weights (data that brings
+    precomputed T5 embeddings: a T5-XXL is 4.7 B parameters the step would only hold).
     """
     path = Path(path)
     index = files.read_json(path / "model_index.json")
-    if "text_encoder_3" in index:
-        family: Family = "sd3"
+    if index.get("_class_name") == "FluxPipeline":
+        family: Family = "flux"
+    elif "text_encoder_3" in index:
+        family = "sd3"
     elif "text_encoder_2" in index:
         raise ValueError(f"{path / 'model_index.json'}: a text_encoder_2 without text_encoder_3 (SDXL?) is not supported")
     else:
         family = "sd"
-    components = ("text_encoder", "text_encoder_2", "text_encoder_3") if family == "sd3" else ("text_encoder",)
+    components = {"sd": ("text_encoder",), "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                  "flux": ("text_encoder", "text_encoder_2")}[family]
+    t5 = T5_COMPONENT.get(family)
     tokenizers, models, params = {}, {}, {}
     for c in components:
         if _absent(index, c):
@@ -50,14 +55,16 @@ def load_encoders(
                 raise ValueError(f"{path / 'model_index.json'}: the pipeline has no {c}")
             continue
         tokenizers[c] = _load_tokenizer(path, TOKENIZERS[c], index)
-        if c == "text_encoder_3" and not with_t5:
+        if c == t5 and not with_t5:
             continue
         models[c], params[c] = load_component(path, c, dtype, compute_dtype=compute_dtype, mesh=mesh, rules=rules)
     clip_length = tokenizers["text_encoder"].model_max_length
     max_lengths = {"text_encoder": clip_length}
     joint_dim = None
+    if family == "flux":
+        max_lengths.update(text_encoder_2=max_sequence_length or 512)
     if family == "sd3":
-        max_lengths.update(text_encoder_2=clip_length, text_encoder_3=max_sequence_length)
+        max_lengths.update(text_encoder_2=clip_length, text_encoder_3=max_sequence_length or 256)
         if "text_encoder_3" not in tokenizers:
             joint_dim = files.read_json(files.component_dir(path, "transformer") / "config.json")["joint_attention_dim"]
     return PromptEncoders(family, tokenizers, models, max_lengths, joint_dim), params

@@ -2,10 +2,11 @@
 
 `model.pretrained` is a diffusers folder, a hub id (a snapshot already in the Hugging Face cache, or
 downloaded when the hub is reachable), or `builtin:<name>`: `shapes-sd2` / `shapes-sd3` (the shapes
-world's trained bases, shipped in `ctcal_jax/assets/`) or `tiny-sd2` / `tiny-sd3` (`conversion.tiny`). `load` reads the
-weights, straight into their shardings when given a mesh; `abstract` reads configs only (a local
-folder's, else `conversion.known`'s for the public pipelines) and gives `jax.ShapeDtypeStruct`
-params, so a config's step can be lowered and compiled on a host without the weights.
+world's trained bases, shipped in `ctcal_jax/assets/`) or `tiny-sd2` / `tiny-sd3` / `tiny-flux`
+(`conversion.tiny`). `load` reads the weights, straight into their shardings when given a mesh;
+`abstract` reads configs only (a local folder's, else `conversion.known`'s for the public
+pipelines) and gives `jax.ShapeDtypeStruct` params, so a config's step can be lowered and compiled
+on a host without the weights.
 
 What is loaded follows the data: the VAE only when batches carry images (`data.kind` in
 `IMAGE_KINDS`: "imagefolder", "shapes"), SD3's T5 only when the batches do not bring its embeddings
@@ -30,7 +31,10 @@ from ctcal_jax import text
 from ctcal_jax.builder import DENOISER, Pipeline
 from ctcal_jax.data.loader import IMAGE_KINDS
 
-FAMILIES = {"StableDiffusionPipeline": "sd2", "StableDiffusion3Pipeline": "sd3"}
+FAMILIES = {"StableDiffusionPipeline": "sd2", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+# The text side's family (`text.PromptEncoders.family`) of each pipeline family.
+TEXT_FAMILIES = {"sd2": "sd", "sd3": "sd3", "flux": "flux"}
+FLUX_SAMPLE_SIZE = 128  # FluxPipeline's default_sample_size (1024 px); FLUX transformers have no sample_size
 BUILTIN = "builtin:"
 # Pipelines shipped inside the package: the shapes world's pretrained bases (`ctcal_jax.pretrain_shapes`).
 ASSETS = Path(ctcal_jax.__file__).resolve().parent / "assets"
@@ -66,11 +70,11 @@ def resolve(pretrained: str) -> Path:
 
 
 def pipeline_family(folder: Path) -> str:
-    """"sd2" or "sd3" from `model_index.json`'s `_class_name`."""
+    """"sd2", "sd3" or "flux" from `model_index.json`'s `_class_name`."""
     index_file = folder / "model_index.json"
     cls = files.read_json(index_file).get("_class_name")
     if cls not in FAMILIES:
-        raise ValueError(f"{index_file}: pipeline class {cls!r} is not supported for training "
+        raise ValueError(f"{index_file}: pipeline class {cls!r} is not supported "
                          f"(supported: {sorted(FAMILIES)})")
     return FAMILIES[cls]
 
@@ -100,7 +104,7 @@ def load_folder(
     mesh: Mesh | None = None,
     rules: Any = None,
 ) -> Pipeline:
-    """A diffusers pipeline folder (SD 1.x/2.x or SD3/3.5) as a `Pipeline`: the denoiser, the text
+    """A diffusers pipeline folder (SD 1.x/2.x, SD3/3.5 or FLUX.1) as a `Pipeline`: the denoiser, the text
     encoders and tokenizers, the VAE (`with_vae`), the scheduler config; `dtype`, `compute_dtype`,
     `mesh` and `rules` as `load_component` takes them."""
     folder = Path(folder)
@@ -114,6 +118,8 @@ def load_folder(
     if with_vae:
         vae, frozen["vae"] = load_component(folder, "vae", dtype, compute_dtype=compute_dtype, **where)
     size = files.read_json(files.component_dir(folder, name) / "config.json").get("sample_size")
+    if fam == "flux" and size is None:
+        size = FLUX_SAMPLE_SIZE
     return Pipeline(fam, denoiser, encoders, frozen, _scheduler(folder), vae, source=str(folder), latent_size=size)
 
 
@@ -152,12 +158,13 @@ def abstract(config: ml_collections.ConfigDict) -> Pipeline:
         params[c] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), conv.abstract_params(modules[c], cfg))
     name = DENOISER[fam]
     texts = {c: m for c, m in modules.items() if c.startswith("text_encoder")}
-    lengths = {c: 77 for c in texts} | ({"text_encoder_3": 256} if fam == "sd3" else {})
+    lengths = {c: 77 for c in texts} | {"sd2": {}, "sd3": {"text_encoder_3": 256}, "flux": {"text_encoder_2": 512}}[fam]
     joint = configs[name].get("joint_attention_dim") if fam == "sd3" else None
-    encoders = text.PromptEncoders("sd" if fam == "sd2" else "sd3", {}, texts, lengths, joint)
+    encoders = text.PromptEncoders(TEXT_FAMILIES[fam], {}, texts, lengths, joint)
     frozen = {c: params[c] for c in (name, *texts, *(("vae",) if "vae" in modules else ()))}
+    size = configs[name].get("sample_size", FLUX_SAMPLE_SIZE if fam == "flux" else None)
     return Pipeline(fam, modules[name], encoders, frozen, scheduler, modules.get("vae"), source=pretrained,
-                    latent_size=configs[name].get("sample_size"))
+                    latent_size=size)
 
 
 def _components(fam: str, index: dict[str, Any], config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -1,13 +1,15 @@
-"""Built-in tiny pipelines (`model.pretrained = "builtin:tiny-sd2"` / `"builtin:tiny-sd3"`): complete
-diffusers folders with seeded random weights, written without torch, for CPU runs and tests.
+"""Built-in tiny pipelines (`model.pretrained = "builtin:tiny-sd2"` / `"builtin:tiny-sd3"` /
+`"builtin:tiny-flux"`): complete diffusers folders with seeded random weights, written without torch,
+for CPU runs and tests.
 
 Each is a real pipeline folder — `model_index.json`, `scheduler/`, `tokenizer/` (the real CLIP
-vocabulary), `text_encoder/`, `unet/` or `transformer/`, `vae/`, safetensors weights — that diffusers'
-`DiffusionPipeline.from_pretrained` loads, so a LoRA trained on it can be checked in diffusers. The
-weights are random at a trained model's scale (unit-variance activations, so attention maps have
-structure): they show the machinery, not a trained model's layout. Deterministic: the same name
-always gives the same bytes. `materialize(name)` writes one once into a cache folder (atomically:
-a half-written folder is never visible) and returns its path.
+vocabulary), `text_encoder/`, `unet/` or `transformer/`, `vae/`, safetensors weights; tiny-flux adds
+a tiny T5 as `text_encoder_2` with a small Unigram `tokenizer_2` (T5's special ids, built here) —
+that diffusers' `DiffusionPipeline.from_pretrained` loads, so a LoRA trained on it can be checked in
+diffusers. The weights are random at a trained model's scale (unit-variance activations, so
+attention maps have structure): they show the machinery, not a trained model's layout.
+Deterministic: the same name always gives the same bytes. `materialize(name)` writes one once into a
+cache folder (atomically: a half-written folder is never visible) and returns its path.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import numpy as np
 
 from conversion import clip as clip_family
 from conversion import files, names
+from conversion import flux as flux_family
 from conversion import mmdit as mmdit_family
+from conversion import t5 as t5_family
 from conversion import unet as unet_family
 from conversion import vae as vae_family
 from ctcal_jax.tokenizers import clip_tokenizer
@@ -45,6 +49,13 @@ MMDIT = {
     "out_channels": 16, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
     "joint_attention_dim": 64, "caption_projection_dim": 32, "pooled_projection_dim": 48, "pos_embed_max_size": 16,
 }
+# FLUX.1-dev's layout (guidance embedding, double then single blocks, 3-axis RoPE) at a tiny width:
+# the T5 width 32 in, CLIP-L's pooled 32.
+FLUX = {
+    "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 1,
+    "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+    "pooled_projection_dim": 32, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6],
+}
 
 
 def _clip(hidden: int, projection: int | None = None) -> dict[str, Any]:
@@ -53,6 +64,37 @@ def _clip(hidden: int, projection: int | None = None) -> dict[str, Any]:
             "vocab_size": 49408, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
             "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1, "projection_dim": projection or hidden}
+
+
+# The tiny T5 tokenizer's pieces (after T5's `<pad>`, `</s>`, `<unk>`): "▁" (a word start), a few
+# whole words, then every letter, digit and punctuation mark with and without the word start, so
+# that any ASCII prompt tokenizes. Unigram scores: whole words win over their letters.
+_T5_WORDS = ("a an the of and on in with to next above below near under over beside photo cat dog bird "
+             "apple banana car bench book cup kite lake tree house boat red blue green yellow black white "
+             "small large two three").split()
+_T5_CHARS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)] + \
+    list("0123456789.,;:!?'\"-()&/")
+T5_VOCAB = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -4.0)]
+            + [("\u2581" + w, -5.0) for w in _T5_WORDS] + [("\u2581" + c, -8.0) for c in _T5_CHARS]
+            + [(c, -9.0) for c in _T5_CHARS])
+T5_EXTRA_IDS = 100  # T5's sentinel tokens `<extra_id_i>`, after the vocabulary
+T5_TOKENIZER = "t5"  # a `tokenizers` entry: the tiny T5 tokenizer instead of CLIP's
+
+
+def t5_tokenizer() -> Any:
+    """The tiny T5 tokenizer (transformers `T5TokenizerFast`, Unigram over `T5_VOCAB`), built offline."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=list(T5_VOCAB), extra_ids=T5_EXTRA_IDS)
+
+
+def _t5(d_model: int) -> dict[str, Any]:
+    """A 2-layer T5 v1.1 encoder (gated GELU, as T5-XXL), its vocabulary the tiny tokenizer's."""
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": len(T5_VOCAB) + T5_EXTRA_IDS,
+            "d_model": d_model, "d_kv": 8, "d_ff": 2 * d_model, "num_layers": 2, "num_heads": 4,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "feed_forward_proj": "gated-gelu", "layer_norm_epsilon": 1e-6, "tie_word_embeddings": False,
+            "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 
 
 def _vae(latent_channels: int, scaling: float, shift: float | None) -> dict[str, Any]:
@@ -68,6 +110,10 @@ SD2_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_en
                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "prediction_type": "v_prediction",
                  "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
 SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# FLUX.1-dev's scheduler_config.json: the shift grows with the image token count.
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
 
 PIPELINES: dict[str, dict[str, Any]] = {
     "tiny-sd2": {
@@ -92,6 +138,18 @@ PIPELINES: dict[str, dict[str, Any]] = {
         },
         "tokenizers": {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"},
         "none": ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"),
+    },
+    "tiny-flux": {
+        "_class_name": "FluxPipeline",
+        "scheduler": FLUX_SCHEDULER,
+        "components": {
+            "transformer": (FLUX, flux_family, "diffusion_pytorch_model.safetensors"),
+            "text_encoder": (_clip(32), clip_family, "model.safetensors"),
+            "text_encoder_2": (_t5(32), t5_family, "model.safetensors"),
+            "vae": (_vae(16, 0.3611, 0.1159), vae_family, "diffusion_pytorch_model.safetensors"),
+        },
+        "tokenizers": {"tokenizer": "<|endoftext|>", "tokenizer_2": T5_TOKENIZER},
+        "none": ("image_encoder", "feature_extractor"),
     },
 }
 
@@ -118,6 +176,18 @@ def random_params(shapes: Any, seed: int) -> Any:
     return jax.tree.unflatten(tree, [draw(p, s) for p, s in leaves])
 
 
+def fold_t5_attention_scale(params: Any, d_kv: int) -> Any:
+    """T5's attention has no 1/√d: its initialisation (and so a trained T5) folds it into the query
+    projection (transformers' `_init_weights`: q's std (d_model·d_kv)^-0.5). Scaling `random_params`'
+    q kernels the same keeps the logits at a trained model's size (and float32 round-off small)."""
+    scale = np.float32(d_kv ** -0.5)
+
+    def fold(path, x):
+        return x * scale if jax.tree_util.keystr(path).endswith("['SelfAttention']['q']['kernel']") else x
+
+    return jax.tree_util.tree_map_with_path(fold, params)
+
+
 def write_component(folder: Path, config: dict[str, Any], params: Any, weights_file: str, dtype: Any = np.float32) -> None:
     """A diffusers/transformers component folder: `config.json` and the Flax `params` as the torch
     state dict (`dtype` on disk), written without torch."""
@@ -136,9 +206,10 @@ def write_folder(out: Path, spec: dict[str, Any], params: dict[str, Any], dtype:
         write_component(out / component, config, params[component], weights, dtype)
         cls = config.get("_class_name") or config["architectures"][0]
         index[component] = [_LIBRARY.get(component, "transformers"), cls]
-    for component, pad in spec["tokenizers"].items():
-        clip_tokenizer(pad_token=pad).save_pretrained(out / component)
-        index[component] = ["transformers", "CLIPTokenizer"]
+    for component, pad in spec["tokenizers"].items():  # CLIP's pad token, or T5_TOKENIZER
+        tokenizer = t5_tokenizer() if pad == T5_TOKENIZER else clip_tokenizer(pad_token=pad)
+        tokenizer.save_pretrained(out / component)
+        index[component] = ["transformers", "T5TokenizerFast" if pad == T5_TOKENIZER else "CLIPTokenizer"]
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(spec["scheduler"], indent=2))
     index["scheduler"] = ["diffusers", spec["scheduler"]["_class_name"]]
@@ -158,6 +229,8 @@ def write_pipeline(name: str, out: Path) -> Path:
     params = {}
     for seed, (component, (config, family, _)) in enumerate(spec["components"].items()):
         params[component] = random_params(family.abstract_params(family.build(config), config), seed)
+        if family is t5_family:
+            params[component] = fold_t5_attention_scale(params[component], config["d_kv"])
     return write_folder(out, spec, params)
 
 

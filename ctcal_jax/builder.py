@@ -32,7 +32,7 @@ from ctcal_jax.optim import adamw_groups
 from ctcal_jax.sharding import make_mesh, param_shardings
 from ctcal_jax.train_step import Family, State, init_state, make_step_fn, make_train_step, place
 
-DENOISER = {"sd2": "unet", "sd3": "transformer"}
+DENOISER = {"sd2": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,8 +40,9 @@ class Pipeline:
     """A diffusers pipeline's trainable-side models.
 
     Attributes:
-      family: "sd2" (SD 1.x/2.x: UNet, one CLIP) or "sd3" (SD3/3.5: MM-DiT, CLIP-L, CLIP-G, T5).
-      denoiser: the UNet or MM-DiT Flax module.
+      family: "sd2" (SD 1.x/2.x: UNet, one CLIP), "sd3" (SD3/3.5: MM-DiT, CLIP-L, CLIP-G, T5) or
+        "flux" (FLUX.1: `FluxTransformer2DModel`, CLIP-L, T5; sampling only so far, no training step).
+      denoiser: the UNet, MM-DiT or FLUX Flax module.
       encoders: the text side (tokenizers, text modules, lengths).
       params: frozen params by component (`unet` | `transformer`, `text_encoder`, ..., optionally
         `vae`): arrays (on a mesh or not) or `jax.ShapeDtypeStruct`s.
@@ -51,7 +52,7 @@ class Pipeline:
       latent_size: the denoiser's `sample_size` (latent side of its default resolution), when known.
     """
 
-    family: Literal["sd2", "sd3"]
+    family: Literal["sd2", "sd3", "flux"]
     denoiser: nn.Module
     encoders: text.PromptEncoders
     params: dict[str, Any]
@@ -137,8 +138,14 @@ def make_optimizer(config: ml_collections.ConfigDict, trainable: Any) -> optax.G
     return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm else adamw
 
 
+def _check_trainable(pipeline: Pipeline) -> None:
+    if pipeline.family == "flux":
+        raise ValueError(f"{pipeline.source}: training a FLUX.1 pipeline is not supported yet (sampling is)")
+
+
 def make_family(config: ml_collections.ConfigDict, pipeline: Pipeline) -> Family:
     """The objective of `config.objective` for the pipeline's model family."""
+    _check_trainable(pipeline)
     remat = config.model.remat
     loss = ctcal_config(config) if config.objective == "ctcal" else None
     if pipeline.family == "sd2":
@@ -171,6 +178,7 @@ def build(
         With an abstract pipeline the state is abstract too (`jax.ShapeDtypeStruct`s).
     """
     config_lib.check(config)
+    _check_trainable(pipeline)
     mesh = mesh or mesh_from_config(config)
     frozen = dict(pipeline.params)
     abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))

@@ -5,8 +5,8 @@ that is not below (a typo, `--config.no_such_key=1`) is an error instead of a si
 setting. Keys (API.md's "every training config has" marked *):
 
 - `model.pretrained`* — a diffusers folder, a hub id, or `builtin:tiny-sd2` / `builtin:tiny-sd3`
-  (tiny random pipelines written by the project, for CPU runs); `model.dtype` (weights),
-  `model.compute_dtype` ("" = `model.dtype`), `model.remat` (none | dots | full).
+  (tiny random pipelines written by the project, for CPU runs; `builtin:tiny-flux` samples only);
+  `model.dtype` (weights), `model.compute_dtype` ("" = `model.dtype`), `model.remat` (none | dots | full).
 - `objective`: ctcal | diffusion (GORS when the data carries rewards) | taca (SD3: SPEC §4).
 - `ctcal.*`: SPEC §3 (`teacher_t` -1 = the sampler's priority timestep), `map_resolution` (r of the
   captured r×r maps), `capture_blocks` (SD3; None = all).
@@ -29,8 +29,10 @@ setting. Keys (API.md's "every training config has" marked *):
   `num_inference_steps`, `guidance_scale`.
 - `sample.*`: what `python -m ctcal_jax.sample` reads (the trainer ignores it, and a resumed run may
   change it): `scheduler` ("" = the family's default, DDIM for SD 1.x/2.x, flow-matching Euler for
-  SD3), `num_inference_steps`, `guidance_scale`, `negative_prompt`, `height`/`width` (0 = the
-  model's default), `seed` (sample j of every prompt uses `seed + j`, as GenEval's and
+  SD3 and FLUX.1), `num_inference_steps` and `guidance_scale` (0 = `sampling.generate`'s default for
+  the pipeline: 50 and 7.5, FLUX.1 28 and 3.5 as FluxPipeline; FLUX.1's guidance is the embedded
+  one), `true_cfg_scale` (FLUX.1's true CFG with `negative_prompt` when > 1), `negative_prompt`,
+  `height`/`width` (0 = the model's default), `seed` (sample j of every prompt uses `seed + j`, as GenEval's and
   T2I-CompBench's scripts reseed per prompt), `n_per_prompt`, `batch_size` (images per compiled
   call), `layout` (plain | t2i-compbench | geneval), `overlays`, `lora` ("" or a LoRA file or folder,
   e.g. a training run's `lora/`), `taca_cond_only`, `tagger` ("stanza" or `module:function`, prompt ->
@@ -87,8 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.halt_on_nonfinite = True
     c.eval = dict(every=0, n=16, split="validation", seed=0, num_inference_steps=25, guidance_scale=5.0)
     c.sample = dict(
-        scheduler="", num_inference_steps=50,
-        guidance_scale=7.5,  # diffusers' SD 1.x/2.x default; SD3/3.5's pipelines use 7.0 (sd3_defaults)
+        scheduler="", num_inference_steps=0,
+        guidance_scale=0.0,  # 0: the pipeline's default; SD3/3.5's pipelines use 7.0 (sd3_defaults)
+        true_cfg_scale=1.0,
         negative_prompt="", height=0, width=0, seed=0, n_per_prompt=1, batch_size=4, layout="plain",
         overlays=False, lora="", taca_cond_only=False, tagger="stanza",
         # lr: our choice (the paper's are not public, SPEC §6): pick it with `--sweep-steps`.

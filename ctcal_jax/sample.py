@@ -5,8 +5,11 @@ r"""The sampler: `python -m ctcal_jax.sample --config configs/NAME.py --prompt "
     python -m ctcal_jax.sample --config ... --prompts FILE --sweep-steps 0,2,4,8 \
         [--scorer module:function] --out DIR
 
-The model is the config's `model.pretrained`; every sampling setting is under `sample.*`
+The model is the config's `model.pretrained` (SD 1.x/2.x, SD3/3.5 or FLUX.1, e.g.
+`--config.model.pretrained=black-forest-labs/FLUX.1-dev`); every sampling setting is under `sample.*`
 (`ctcal_jax/config.py`), e.g. `--config.sample.lora=runs/x/lora` for a training run's adapters.
+`sample.num_inference_steps` and `sample.guidance_scale` 0 (the base config's) take the pipeline's
+defaults (`sampling.generate`'s: FLUX.1 28 steps and embedded guidance 3.5, as FluxPipeline).
 Prompts: `--prompt` (repeatable), or a file: `.jsonl` (one JSON object per line with a "prompt";
 an optional "subjects" list of words names the prompt's subjects; GenEval's metadata rows as they
 are), anything else one prompt per line (text after a tab ignored, as T2I-CompBench's scripts read
@@ -24,7 +27,7 @@ Every layout also writes `DIR/prompts.jsonl` (per image: file, prompt, seed and 
 with `sample.overlays` `DIR/overlays/{i:05d}.png`: each subject's map (the conditional attention
 averaged over the steps, processed as IterRef's) over the image, the subject under its tile.
 
-`--taca`: TACA (SPEC §4) with `taca.gamma` / `taca.t_threshold` (SD3/3.5). `--iterref-step K`:
+`--taca`: TACA (SPEC §4) with `taca.gamma` / `taca.t_threshold` (SD3/3.5, FLUX.1). `--iterref-step K`:
 IterRef (SPEC §6) at step index K with `sample.iterref.*`; subjects from the prompt file or the
 `sample.tagger`. `--sweep-steps`: IterRef at each step index over the prompts (same seeds) and the
 plain baseline, scored by `--scorer` (default: `scorers.subject_attention`); prints a table and
@@ -58,7 +61,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/NAME.py file (its get_config()).", lock_config=True)
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts", None, "A prompt file: .jsonl with a \"prompt\" per row, or one prompt per line.")
-flags.DEFINE_bool("taca", False, "TACA with config.taca.gamma / t_threshold (SD3/3.5).")
+flags.DEFINE_bool("taca", False, "TACA with config.taca.gamma / t_threshold (SD3/3.5, FLUX.1).")
 flags.DEFINE_integer("iterref-step", None, "IterRef at this step index (0-based), with config.sample.iterref.")
 flags.DEFINE_string("out", None, "The output folder.")
 flags.DEFINE_string("sweep-steps", None, "Comma-separated IterRef step indices to compare (writes sweep.json).")
@@ -108,13 +111,14 @@ def check(s: Any, rows: list[dict[str, Any]], iterref_step: int | None, sweep: l
     """Settings that would fail late (after loading the model), checked first."""
     if s.layout not in LAYOUTS:
         raise ValueError(f"sample.layout={s.layout!r}: expected one of {', '.join(LAYOUTS)}")
-    for key in ("num_inference_steps", "n_per_prompt", "batch_size"):
+    for key in ("n_per_prompt", "batch_size"):
         if s[key] < 1:
             raise ValueError(f"sample.{key}={s[key]}: expected at least 1")
-    n = s.num_inference_steps
-    for k in ([iterref_step] if iterref_step is not None else []) + (sweep or []):
-        if not 0 <= k < n:
-            raise ValueError(f"IterRef step index {k}: expected 0..{n - 1} (sample.num_inference_steps={n})")
+    if s.num_inference_steps < 0 or s.guidance_scale < 0:
+        key = "num_inference_steps" if s.num_inference_steps < 0 else "guidance_scale"
+        raise ValueError(f"sample.{key}={s[key]}: expected at least 0 (0: the pipeline's default)")
+    if s.num_inference_steps:  # else checked once the pipeline (its default) is known: `check_steps`
+        check_steps(s.num_inference_steps, iterref_step, sweep)
     if scorer and sweep is None:
         raise ValueError("--scorer scores a sweep: give --sweep-steps too")
     if iterref_step is not None and sweep is not None:
@@ -127,6 +131,13 @@ def check(s: Any, rows: list[dict[str, Any]], iterref_step: int | None, sweep: l
                                  f"the prompt back as the file name's part before the first '_'")
             if len((row["prompt"] + "_000000.png").encode()) > 255:
                 raise ValueError(f"prompt {n_row} is too long for a file name (T2I-CompBench names files by prompt)")
+
+
+def check_steps(n: int, iterref_step: int | None, sweep: list[int] | None) -> None:
+    """IterRef's step indices against the `n` inference steps."""
+    for k in ([iterref_step] if iterref_step is not None else []) + (sweep or []):
+        if not 0 <= k < n:
+            raise ValueError(f"IterRef step index {k}: expected 0..{n - 1} (sample.num_inference_steps={n})")
 
 
 def parse_steps(arg: str) -> list[int]:
@@ -158,10 +169,17 @@ class Sampler:
         tagger = self.s.tagger
         self.tagger = tagger if tagger == "stanza" else cli.import_function(tagger, "sample.tagger")
         self.pipe = sampling.load_pipeline(config.model.pretrained)
+        family = self.pipe.family
+        # 0: the pipeline's defaults (`sampling.generate`'s)
+        self.steps = self.s.num_inference_steps or sampling.DEFAULT_STEPS[family]
+        self.guidance = self.s.guidance_scale or sampling.DEFAULT_GUIDANCE[family]
         self.taca = TACA(gamma=config.taca.gamma, t_threshold=config.taca.t_threshold) if taca else None
-        if taca and self.pipe.family != "sd3":
-            raise ValueError(f"--taca applies to SD3/3.5 (MM-DiT) pipelines; {config.model.pretrained} is "
-                             f"{self.pipe.family}")
+        if taca and family == "sd2":
+            raise ValueError(f"--taca applies to MM-DiT pipelines (SD3/3.5, FLUX.1); {config.model.pretrained} is "
+                             f"{family}")
+        if self.s.true_cfg_scale != 1.0 and family != "flux":
+            raise ValueError(f"sample.true_cfg_scale applies to FLUX.1 pipelines; {config.model.pretrained} is "
+                             f"{family} (use sample.guidance_scale)")
         if self.s.lora:
             from conversion import import_lora  # reads files (tests/test_layering.py)
 
@@ -193,7 +211,7 @@ class Sampler:
             padded = jobs + [jobs[-1]] * (size - len(jobs)) if len(self.jobs) > size else jobs
             out = sampling.generate(
                 self.pipe, [self.rows[p]["prompt"] for p, _, _ in padded],
-                num_inference_steps=self.s.num_inference_steps, guidance_scale=self.s.guidance_scale,
+                num_inference_steps=self.steps, guidance_scale=self.guidance, true_cfg_scale=self.s.true_cfg_scale,
                 scheduler=self.s.scheduler or None, seed=[seed for _, _, seed in padded],
                 negative_prompts=self.s.negative_prompt, taca=self.taca,
                 iterref=None if iterref_step is None else self.iterref(iterref_step, padded), lora=self.lora,
@@ -207,8 +225,9 @@ class Sampler:
     def settings(self, iterref_step: int | None) -> dict[str, Any]:
         """What made the images (prompts.jsonl)."""
         s = self.s
+        flux = {"true_cfg_scale": s.true_cfg_scale} if self.pipe.family == "flux" else {}
         return {"model": self.pipe.source, "scheduler": s.scheduler or sampling.DEFAULT_SCHEDULER[self.pipe.family],
-                "num_inference_steps": s.num_inference_steps, "guidance_scale": s.guidance_scale,
+                "num_inference_steps": self.steps, "guidance_scale": self.guidance, **flux,
                 "negative_prompt": s.negative_prompt, "height": s.height or None, "width": s.width or None,
                 "lora": s.lora or None, "taca": None if self.taca is None else
                 {"gamma": self.taca.gamma, "t_threshold": self.taca.t_threshold, "cond_only": s.taca_cond_only},
@@ -343,6 +362,7 @@ def main(argv: list[str]) -> None:
         check(config.sample, rows, FLAGS["iterref-step"].value, steps, FLAGS.scorer)
         out = Path(FLAGS.out)
         sampler = Sampler(config, rows, FLAGS.taca)
+        check_steps(sampler.steps, FLAGS["iterref-step"].value, steps)
         if steps is not None:
             sweep(sampler, steps, FLAGS.scorer, out)
             print(f"wrote {out / 'sweep.json'}")

@@ -11,7 +11,11 @@ a whole denoising loop is one `lax.scan` over the tables.
 | `ddim`       | `DDIMScheduler` (η = 0)            | betas, prediction_type, timestep_spacing, steps_offset, set_alpha_to_one, clip_sample |
 | `ddpm`       | `DDPMScheduler`                    | betas, prediction_type, spacing, offset, variance_type (fixed_small/large), clip_sample |
 | `euler`      | `EulerDiscreteScheduler`           | betas, prediction_type, spacing, offset, final_sigmas_type |
-| `flow_euler` | `FlowMatchEulerDiscreteScheduler`  | shift, use_dynamic_shifting (+ base/max shift and seq len), time_shift_type |
+| `flow_euler` | `FlowMatchEulerDiscreteScheduler`  | shift, use_dynamic_shifting (+ base/max shift and seq len), time_shift_type; shift_terminal |
+
+Flow matching takes what the pipeline passes to `set_timesteps`: custom `sigmas` (FluxPipeline's
+`flux_sigmas(N)`) and, with `use_dynamic_shifting`, the resolution-dependent shift `mu`
+(`calculate_shift`, from the image token count).
 
 The folder's `_class_name` does not matter: `kind` picks the algorithm, as
 `Scheduler.from_config(pipe.scheduler.config)` does in diffusers. Options a plan cannot honour
@@ -36,7 +40,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # Config keys that change the algorithm in ways not implemented here (fine when absent, None or false).
 _UNSUPPORTED = ("thresholding", "rescale_betas_zero_snr", "use_karras_sigmas", "use_exponential_sigmas",
-                "use_beta_sigmas", "invert_sigmas", "stochastic_sampling", "shift_terminal", "trained_betas")
+                "use_beta_sigmas", "invert_sigmas", "stochastic_sampling", "trained_betas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +116,33 @@ def _alphas(config: dict[str, Any]) -> np.ndarray:
     return np.asarray(schedules.ddpm_from_config(config)["alphas_cumprod"], np.float32)
 
 
-def plan(kind: str, config: dict[str, Any], num_inference_steps: int, *, image_seq_len: int | None = None) -> Plan:
+def calculate_shift(config: dict[str, Any], image_seq_len: int, default_max_shift: float = 1.16) -> float:
+    """The pipelines' `calculate_shift`: the dynamic shift μ, linear in the image token count between
+    (`base_image_seq_len`, `base_shift`) and (`max_image_seq_len`, `max_shift`) of the scheduler
+    config. Absent keys take the pipelines' defaults 256, 0.5, 4096 and `default_max_shift`
+    (StableDiffusion3Pipeline 1.16, FluxPipeline 1.15)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", default_max_shift)
+    m = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * m + (base_shift - m * base_len)
+
+
+def flux_sigmas(num_inference_steps: int) -> np.ndarray:
+    """The unshifted sigmas FluxPipeline passes to `set_timesteps`: `linspace(1, 1/N, N)`."""
+    n = int(num_inference_steps)
+    if n < 1:
+        raise ValueError(f"num_inference_steps={n}: expected at least 1")
+    return np.linspace(1.0, 1 / n, n)
+
+
+def plan(kind: str, config: dict[str, Any], num_inference_steps: int, *, image_seq_len: int | None = None,
+         sigmas: Any = None, mu: float | None = None) -> Plan:
     """The `Plan` of scheduler `kind` configured by a diffusers `scheduler_config.json` dict.
 
-    `image_seq_len` (flow only): image tokens per sample, for `use_dynamic_shifting` configs (the
-    pipeline's `calculate_shift`).
+    Flow only, as a pipeline calls `set_timesteps`: `sigmas` `[N]`, custom unshifted sigmas (default
+    the scheduler's own, `sigma_max` .. `sigma_min`); `mu`, the shift of `use_dynamic_shifting`
+    configs (default `calculate_shift(config, image_seq_len)`, StableDiffusion3Pipeline's, which
+    needs `image_seq_len`: image tokens per sample).
     """
     _check(kind, config)
     n = int(num_inference_steps)
@@ -158,28 +184,32 @@ def plan(kind: str, config: dict[str, Any], num_inference_steps: int, *, image_s
         spacing = config.get("timestep_spacing", "linspace")
         init = top if spacing in ("linspace", "trailing") else (top**2 + np.float32(1)) ** np.float32(0.5)
         return Plan(kind, pred, t, float(np.float32(init)), {"sigma": sigmas[:-1], "sigma_next": sigmas[1:]})
-    sigmas = _flow_sigmas(config, n, image_seq_len)
+    if config.get("use_dynamic_shifting", False) and mu is None:
+        if image_seq_len is None:
+            raise ValueError("a use_dynamic_shifting scheduler needs image_seq_len (or mu)")
+        mu = calculate_shift(config, image_seq_len)
+    sigmas = _flow_sigmas(config, n, sigmas, mu)
     return Plan(kind, "flow", sigmas * np.float32(config.get("num_train_timesteps", 1000)), 1.0,
                 {"sigma": sigmas, "sigma_next": np.append(sigmas[1:], np.float32(0.0))})
 
 
-def _flow_sigmas(config: dict[str, Any], n: int, image_seq_len: int | None) -> np.ndarray:
-    """`FlowMatchEulerDiscreteScheduler.set_timesteps(n)` sigmas `[N]` float32 (without the final 0)."""
+def _flow_sigmas(config: dict[str, Any], n: int, sigmas: Any, mu: float | None) -> np.ndarray:
+    """`FlowMatchEulerDiscreteScheduler.set_timesteps(n, sigmas=sigmas, mu=mu)` sigmas `[N]` float32
+    (without the final 0)."""
     t_train = config.get("num_train_timesteps", 1000)
     if n < 1:
         raise ValueError(f"num_inference_steps={n}: expected at least 1")
     dynamic = bool(config.get("use_dynamic_shifting", False))
     shift = float(config.get("shift", 1.0))
-    train = schedules.flow_match_sigmas(t_train, 1.0 if dynamic else shift)
-    hi, lo = float(train[0]) * t_train, float(train[-1]) * t_train
-    sigmas = np.linspace(hi, lo, n) / t_train
+    if sigmas is None:
+        train = schedules.flow_match_sigmas(t_train, 1.0 if dynamic else shift)
+        hi, lo = float(train[0]) * t_train, float(train[-1]) * t_train
+        sigmas = np.linspace(hi, lo, n) / t_train
+    else:
+        sigmas = np.asarray(sigmas).astype(np.float32)
+        if sigmas.shape != (n,):
+            raise ValueError(f"sigmas: expected {n} values (num_inference_steps), got shape {sigmas.shape}")
     if dynamic:
-        if image_seq_len is None:
-            raise ValueError("a use_dynamic_shifting scheduler needs image_seq_len")
-        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-        base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.16)
-        m = (max_shift - base_shift) / (max_len - base_len)
-        mu = image_seq_len * m + (base_shift - m * base_len)
         kind = config.get("time_shift_type", "exponential")
         if kind == "exponential":
             sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
@@ -189,6 +219,10 @@ def _flow_sigmas(config: dict[str, Any], n: int, image_seq_len: int | None) -> n
             raise ValueError(f"scheduler config time_shift_type={kind!r}: expected 'exponential' or 'linear'")
     else:
         sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    terminal = config.get("shift_terminal")
+    if terminal:  # stretched so that the last sigma is `shift_terminal`
+        one_minus = 1 - sigmas
+        sigmas = 1 - one_minus / (one_minus[-1] / (1 - terminal))
     return sigmas.astype(np.float32)
 
 

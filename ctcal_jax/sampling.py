@@ -1,5 +1,5 @@
 """Text-to-image sampling: a diffusers pipeline folder in, latents and images out, as diffusers'
-`StableDiffusionPipeline` / `StableDiffusion3Pipeline` compute them.
+`StableDiffusionPipeline` / `StableDiffusion3Pipeline` / `FluxPipeline` compute them.
 
 Axes: B prompts, N inference steps, h, w, C latent, H, W image, T text tokens.
 
@@ -11,7 +11,12 @@ learning rate) is an argument of that program, so sweeping over them compiles on
 
 - Prompts and the empty negative prompt are tokenized and encoded as the pipelines do (`text`).
 - CFG: the batch is `[negative, conditional]`, `out = u + g · (c − u)`, only when `g > 1`.
-- TACA (`taca=TACA(γ0, t_thresh)`, MM-DiT only): γ(t) per SPEC §4 in every joint attention, on both
+- FLUX.1 (FluxPipeline): `guidance_scale` is the guidance the dev model embeds (an input of every
+  forward, no CFG; schnell has none and ignores it); true CFG, as above with `g = true_cfg_scale`,
+  only when `true_cfg_scale > 1` and negative prompts are given. The sigmas are FluxPipeline's
+  `linspace(1, 1/N, N)`, shifted by `mu` from the image token count (`samplers.calculate_shift`).
+  Latents are NHWC `[B, H/8, W/8, 16]`; the transformer packs them 2×2 itself.
+- TACA (`taca=TACA(γ0, t_thresh)`, MM-DiT and FLUX): γ(t) per SPEC §4 in every joint attention, on both
   CFG halves (`taca_cond_only=True`: the conditional half only). With a LoRA, the denoiser's
   adapters are gated per sample to be active exactly while TACA is (`lora_with_taca`).
 - IterRef (`iterref=IterRef(step=k, lr=...)`): at step k, before the update, Adam on the latent
@@ -44,15 +49,19 @@ from ctcal_jax.attention import TACA, AttnCapture
 from ctcal_jax.builder import Pipeline
 from ctcal_jax.models.vae import unscale_latents
 
-DEFAULT_SCHEDULER = {"sd2": "ddim", "sd3": "flow_euler"}
-KINDS = {"sd2": ("ddim", "ddpm", "euler"), "sd3": ("flow_euler",)}
+DEFAULT_SCHEDULER = {"sd2": "ddim", "sd3": "flow_euler", "flux": "flow_euler"}
+KINDS = {"sd2": ("ddim", "ddpm", "euler"), "sd3": ("flow_euler",), "flux": ("flow_euler",)}
+# `generate`'s defaults: steps and guidance scale (FLUX: FluxPipeline's, the embedded guidance).
+DEFAULT_STEPS = {"sd2": 50, "sd3": 50, "flux": 28}
+DEFAULT_GUIDANCE = {"sd2": 7.5, "sd3": 7.5, "flux": 3.5}
 
 
 def load_pipeline(path: str | Path, dtype: Any = jnp.float32, *, compute_dtype: Any = None,
                   with_t5: bool = True) -> Pipeline:
-    """A diffusers folder (SD 1.x/2.x, SD3/3.5), a hub id in the local cache, or `builtin:tiny-sd2`
-    / `builtin:tiny-sd3`, with its VAE, ready for `generate`. `with_t5=False` leaves SD3's T5 out
-    (its stream is then zeros, as a pipeline saved without T5)."""
+    """A diffusers folder (SD 1.x/2.x, SD3/3.5, FLUX.1), a hub id in the local cache, or
+    `builtin:tiny-sd2` / `builtin:tiny-sd3` / `builtin:tiny-flux`, with its VAE, ready for `generate`.
+    `with_t5=False` leaves SD3's T5 out (its stream is then zeros, as a pipeline saved without T5;
+    FLUX.1 cannot sample without it)."""
     from conversion.pipeline import load_folder, resolve  # reads files: see the module docstring
 
     return load_folder(resolve(str(path)), dtype, compute_dtype=compute_dtype, with_vae=True, with_t5=with_t5)
@@ -95,8 +104,8 @@ def generate(
     pipe: Pipeline,
     prompts: str | Sequence[str],
     *,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     scheduler: str | None = None,
     seed: int | Sequence[int] = 0,
     latents: Any = None,
@@ -112,17 +121,22 @@ def generate(
     return_trajectory: bool = False,
     return_attn: bool = False,
     step_noise: Any = None,
+    true_cfg_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Sample `len(prompts)` images (module docstring).
 
     Args:
       pipe: `load_pipeline(...)` (or any `builder.Pipeline` with a VAE).
-      scheduler: "ddim" | "ddpm" | "euler" (SD 1.x/2.x; default "ddim") or "flow_euler" (SD3);
-        its settings come from `pipe.scheduler` (the folder's `scheduler_config.json`).
+      num_inference_steps: default 50 (SD 1.x/2.x, SD3), 28 (FLUX.1, as FluxPipeline).
+      guidance_scale: the CFG scale (default 7.5); FLUX.1: the embedded guidance of dev models
+        (default 3.5, as FluxPipeline), unused by schnell.
+      scheduler: "ddim" | "ddpm" | "euler" (SD 1.x/2.x; default "ddim") or "flow_euler" (SD3,
+        FLUX.1); its settings come from `pipe.scheduler` (the folder's `scheduler_config.json`).
       seed: one int (sample b uses `seed + b`) or one per prompt.
       latents: initial latents `[B, h, w, C]` as diffusers' `latents=` (SD: scaled by the
         scheduler's `init_noise_sigma`, as the pipeline does).
-      negative_prompts: CFG's negative prompts (default the empty prompt).
+      negative_prompts: CFG's negative prompts (default the empty prompt; FLUX.1's true CFG runs
+        only when they are given, as FluxPipeline's `negative_prompt`).
       lora: `{component: LoRA tree}` (`lora.init` / `conversion.import_lora`), or a LoRA file or
         folder (diffusers/peft or kohya), applied unmerged.
       height, width: image size (default the denoiser's `sample_size` × the VAE's factor).
@@ -133,6 +147,8 @@ def generate(
       return_trajectory: also return the latents after every step.
       return_attn: also return the conditional half's image→text maps averaged over all steps.
       step_noise: DDPM's per-step noise `[N, B, h, w, C]` instead of the seeded draws.
+      true_cfg_scale: FLUX.1's true CFG scale (FluxPipeline's `true_cfg_scale`): CFG with
+        `negative_prompts` when > 1.
 
     Returns a dict: `latents` `[B, h, w, C]` float32 (diffusers' `output_type="latent"`), `images`
     `[B, H, W, 3]` float32 in [0, 1] (with `decode`), `timesteps` `[N]`, and with the options
@@ -146,15 +162,19 @@ def generate(
     if kind not in KINDS[pipe.family]:
         raise ValueError(f"scheduler={kind!r} does not apply to a {pipe.family} pipeline ({pipe.source}); "
                          f"expected one of {KINDS[pipe.family]}")
-    if taca is not None and pipe.family != "sd3":
-        raise ValueError("taca applies to MM-DiT joint attention (SD3/3.5 pipelines), not to a UNet")
+    if taca is not None and pipe.family == "sd2":
+        raise ValueError("taca applies to MM-DiT joint attention (SD3/3.5 and FLUX.1 pipelines), not to a UNet")
+    if true_cfg_scale != 1.0 and pipe.family != "flux":
+        raise ValueError(f"true_cfg_scale applies to FLUX.1 pipelines; {pipe.source!r} is {pipe.family}: "
+                         "use guidance_scale")
+    steps = DEFAULT_STEPS[pipe.family] if num_inference_steps is None else num_inference_steps
+    guidance_scale = DEFAULT_GUIDANCE[pipe.family] if guidance_scale is None else float(guidance_scale)
     if decode and pipe.vae is None:
         raise ValueError(f"the pipeline from {pipe.source!r} has no VAE: load it with sampling.load_pipeline, "
                          "or pass decode=False")
     h, w = _latent_size(pipe, height, width)
     channels = pipe.denoiser.out_channels
-    seq = (h // pipe.denoiser.patch_size) * (w // pipe.denoiser.patch_size) if pipe.family == "sd3" else None
-    plan = samplers.plan(kind, pipe.scheduler, num_inference_steps, image_seq_len=seq)
+    plan = scheduler_plan(pipe, kind, steps, h, w)
     seeds = _seeds(seed, batch)
     if latents is None:
         x_init = initial_noise(seeds, (h, w, channels))
@@ -170,14 +190,16 @@ def generate(
     adapters = _loras(pipe, lora)
     ir_static, ir_args = _iterref_inputs(pipe, prompts, iterref, plan.num_steps)
     capture = _capture(pipe, iterref, h) if (iterref is not None or return_attn) else None
-    static = _Static(plan.static(), guidance_scale > 1, taca is not None, taca_cond_only,
+    cfg = true_cfg_scale > 1 and negative_prompts is not None if pipe.family == "flux" else guidance_scale > 1
+    static = _Static(plan.static(), cfg, taca is not None, taca_cond_only,
                      taca is not None and lora_with_taca and pipe.denoiser_name in adapters, ir_static, capture,
                      decode, return_trajectory, return_attn)
     programs = _PROGRAMS.setdefault(pipe, {})
     if static not in programs:
         programs[static] = _make_program(pipe.family, pipe.denoiser, pipe.encoders, pipe.vae, static)
     dynamic = {
-        "guidance": jnp.float32(guidance_scale),
+        "guidance": jnp.float32(true_cfg_scale if pipe.family == "flux" else guidance_scale),  # CFG's
+        "embedded_guidance": jnp.float32(guidance_scale),  # FLUX.1-dev's model input
         "taca": jnp.asarray([taca.gamma, taca.t_threshold] if taca else [1.0, 0.0], jnp.float32),
         "timesteps": jnp.asarray(plan.timesteps),
         "tables": {k: jnp.asarray(v) for k, v in plan.tables.items()},
@@ -190,16 +212,32 @@ def generate(
     return out
 
 
+def scheduler_plan(pipe: Pipeline, kind: str, num_inference_steps: int, h: int, w: int) -> samplers.Plan:
+    """The scheduler plan `generate` runs for `h × w` latents, with the pipeline's own `set_timesteps`
+    arguments: SD3's `mu` from the image token count (dynamic-shift configs); FLUX.1's sigmas
+    `linspace(1, 1/N, N)` and `mu` with FluxPipeline's `calculate_shift` defaults."""
+    seq = (h // pipe.denoiser.patch_size) * (w // pipe.denoiser.patch_size) if pipe.family != "sd2" else None
+    if pipe.family == "flux":
+        return samplers.plan(kind, pipe.scheduler, num_inference_steps,
+                             sigmas=samplers.flux_sigmas(num_inference_steps),
+                             mu=samplers.calculate_shift(pipe.scheduler, seq, default_max_shift=1.15))
+    return samplers.plan(kind, pipe.scheduler, num_inference_steps, image_seq_len=seq)
+
+
 def _latent_size(pipe: Pipeline, height: int | None, width: int | None) -> tuple[int, int]:
     factor = 2 ** (len(pipe.vae.block_out_channels) - 1) if pipe.vae is not None else 8
     default = None if pipe.latent_size is None else pipe.latent_size * factor
+    # FLUX packs 2×2 latent pixels into a token: its sizes are multiples of twice the VAE's factor.
+    multiple = factor * (pipe.denoiser.patch_size if pipe.family == "flux" else 1)
     sizes = []
     for name, value in (("height", height), ("width", width)):
         value = default if value is None else value
         if value is None:
             raise ValueError(f"{name} is needed: the pipeline from {pipe.source!r} has no sample_size")
-        if value <= 0 or value % factor:
-            raise ValueError(f"{name}={value}: expected a positive multiple of the VAE's factor {factor}")
+        if value <= 0 or value % multiple:
+            what = f"the VAE's factor {factor}" + (f" × the {pipe.denoiser.patch_size}×{pipe.denoiser.patch_size} "
+                                                    "packing" if multiple != factor else "")
+            raise ValueError(f"{name}={value}: expected a positive multiple of {what}")
         sizes.append(value // factor)
     return sizes[0], sizes[1]
 
@@ -254,7 +292,7 @@ def _loras(pipe: Pipeline, lora: Mapping[str, Any] | str | Path | None) -> dict[
 
 
 def _capture(pipe: Pipeline, iterref: iterref_lib.IterRef | None, h: int) -> AttnCapture:
-    if pipe.family == "sd3":
+    if pipe.family != "sd2":
         return AttnCapture(blocks=None)
     if iterref is not None and iterref.resolution:
         return AttnCapture(resolutions=(iterref.resolution,))
@@ -273,6 +311,8 @@ def _streams(pipe: Pipeline) -> list[tuple[str, int]]:
     lengths = pipe.encoders.max_lengths
     if pipe.family == "sd2":
         return [("text_encoder", lengths["text_encoder"])]
+    if pipe.family == "flux":  # T5 only: CLIP-L gives the pooled vector
+        return [("text_encoder_2", lengths["text_encoder_2"])]
     streams = [("text_encoder", lengths["text_encoder"])]
     if "text_encoder_3" in pipe.encoders.tokenizers:
         streams.append(("text_encoder_3", lengths["text_encoder_3"]))
@@ -281,7 +321,7 @@ def _streams(pipe: Pipeline) -> list[tuple[str, int]]:
 
 def stream_spans(pipe: Pipeline) -> list[tuple[int, int]]:
     """`[start, end)` of each text stream on the denoiser's token axis: SD 1.x/2.x `[(0, 77)]`, SD3
-    `[(0, 77), (77, 333)]` (CLIP, then T5; CLIP alone when the pipeline has no T5)."""
+    `[(0, 77), (77, 333)]` (CLIP, then T5; CLIP alone when the pipeline has no T5), FLUX.1 `[(0, 512)]`."""
     spans, start = [], 0
     for _, length in _streams(pipe):
         spans.append((start, start + length))
@@ -315,8 +355,9 @@ def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[S
     weights = np.concatenate([np.stack([nouns.group_weights(gr, g, length) for gr in groups])
                               for groups, _, length in per_stream], axis=-1)
     masks = np.concatenate([m for _, m, _ in per_stream], axis=-1)
-    total = pipe.encoders.max_lengths["text_encoder"] + (
-        pipe.encoders.max_lengths.get("text_encoder_3", 0) if pipe.family == "sd3" else 0)
+    lengths = pipe.encoders.max_lengths
+    total = lengths["text_encoder_2"] if pipe.family == "flux" else lengths["text_encoder"] + (
+        lengths.get("text_encoder_3", 0) if pipe.family == "sd3" else 0)
     pad = total - weights.shape[-1]  # SD3 without T5: the zero T5 stream takes no part
     return (np.pad(weights, ((0, 0), (0, 0), (0, pad))), np.pad(masks, ((0, 0), (0, pad))))
 
@@ -328,7 +369,7 @@ def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.Iter
     if not 0 <= ir.step < n_steps:
         raise ValueError(f"IterRef(step={ir.step}): expected a step index in 0..{n_steps - 1}")
     weights, mask = subject_weights(pipe, prompts, ir.subjects, ir.tagger)
-    kernel = ir.kernel_size or (5 if pipe.family == "sd3" else 3)
+    kernel = ir.kernel_size or (3 if pipe.family == "sd2" else 5)  # SPEC §2: 5 on MM-DiT's 64×64 maps
     spans = stream_spans(pipe)
     gsn = ir.gsn_steps or (0, 0)
     static = _IterRefStatic(ir.n_iters, ir.loss, ir.eps, kernel, ir.sigma, tuple(spans), ir.gsn_steps is not None)
@@ -341,6 +382,7 @@ def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae
     """The jitted sampling program for one setting (closes over modules only, never the pipeline)."""
     p = samplers.Plan(*s.plan[:2], np.zeros(0, np.float32), 1.0, {}, *s.plan[2:])
     name = "unet" if family == "sd2" else "transformer"
+    embeds_guidance = family == "flux" and denoiser.guidance_embeds
 
     def denoise(params, adapters, x, t, cond, taca, gate, capture):
         variables = {"params": params[name]}
@@ -349,17 +391,27 @@ def _make_program(family: str, denoiser: Any, encoders: text.PromptEncoders, vae
         tb = jnp.full((x.shape[0],), t, jnp.float32)
         if family == "sd2":
             return denoiser.apply(variables, x, tb, cond["prompt_embeds"], capture=capture)
+        if family == "flux":
+            return denoiser.apply(variables, x, tb, cond["prompt_embeds"], cond["pooled_prompt_embeds"],
+                                  guidance=cond.get("guidance"), capture=capture, taca=taca)
         return denoiser.apply(variables, x, tb, cond["prompt_embeds"], cond["pooled_prompt_embeds"],
                               capture=capture, taca=taca)
 
     def run(params, adapters, tokens, neg_tokens, x_init, step_noise, d):
         text_lora = {c: t for c, t in adapters.items() if c != name} or None
-        cond = text.encode_prompts(encoders, params, tokens, lora=text_lora)
         batch = d["seeds"].shape[0]
+
+        def encode(ids):
+            """The denoiser's conditioning: text embeddings, and FLUX.1-dev's guidance per row."""
+            embeds = text.encode_prompts(encoders, params, ids, lora=text_lora)
+            if embeds_guidance:
+                embeds["guidance"] = jnp.full((batch,), d["embedded_guidance"])
+            return embeds
+
+        cond = encode(tokens)
         keys = jax.vmap(jax.random.key)(d["seeds"])
         x = x_init * d["init_sigma"]
-        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), text.encode_prompts(
-            encoders, params, neg_tokens, lora=text_lora), cond) if s.cfg else cond
+        both = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), encode(neg_tokens), cond) if s.cfg else cond
         gamma0, threshold = d["taca"][0], d["taca"][1]
         rows = 2 * batch if s.cfg else batch
         is_cond = jnp.arange(rows) >= (rows - batch)

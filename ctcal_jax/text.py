@@ -2,6 +2,7 @@
 
 Axes: B prompts, T tokens, C widths. Components are named as in a diffusers pipeline folder
 (`text_encoder`, `text_encoder_2`, `text_encoder_3`); every per-encoder dict below uses those keys.
+T5 is `text_encoder_3` in SD3 folders and `text_encoder_2` in FLUX.1 folders (`T5_COMPONENT`).
 
 - SD 1.x / 2.x (`StableDiffusionPipeline.encode_prompt`, clip_skip=None): the CLIP text model's
   `last_hidden_state` (after `final_layer_norm`) on 77 tokens -> `prompt_embeds [B, 77, C]`.
@@ -10,8 +11,13 @@ Axes: B prompts, T tokens, C widths. Components are named as in a diffusers pipe
   T5's `last_hidden_state` on `max_sequence_length` (256) tokens appended on the token axis ->
   `prompt_embeds [B, 77 + 256, C_t5]`; the two CLIP pooled projections concatenated ->
   `pooled_prompt_embeds [B, P_l + P_g]`. A pipeline saved without T5 gets zeros for that stream.
+- FLUX.1 (`FluxPipeline.encode_prompt`): CLIP-L's `pooler_output` on 77 tokens ->
+  `pooled_prompt_embeds [B, C_clip]`; T5's `last_hidden_state` on `max_sequence_length` (512)
+  tokens -> `prompt_embeds [B, T, C_t5]`; the text positions (`txt_ids`) are zeros, the
+  transformer's default. The same prompt feeds both encoders (diffusers' `prompt_2=None`).
 - Classifier-free guidance's unconditional embeddings are those of the empty prompt `""`
-  (`negative_prompt=None` or `""` in diffusers): `encode_text(encoders, params, [""] * B)`.
+  (`negative_prompt=None` or `""` in diffusers): `encode_text(encoders, params, [""] * B)`. (FLUX.1's
+  true CFG encodes its negative prompts the same way.)
 
 Tokenizing runs on the host (`tokenize`, `tokenize_prompts`: int arrays and character offsets for
 noun selection); `encode_prompts` is pure and jittable, so a train step can run (and LoRA-train) the
@@ -29,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-Family = Literal["sd", "sd3"]
+Family = Literal["sd", "sd3", "flux"]
 
 # Encoder component -> the tokenizer component that feeds it.
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2", "text_encoder_3": "tokenizer_3"}
+# The T5 encoder's component in each family's pipeline folder.
+T5_COMPONENT = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -42,9 +50,10 @@ class PromptEncoders:
     `conversion.load_encoders(pipeline_folder)` reads one from a diffusers folder.
 
     Attributes:
-      family: `"sd"` (one CLIP) or `"sd3"` (CLIP-L, CLIP-G, T5).
+      family: `"sd"` (one CLIP), `"sd3"` (CLIP-L, CLIP-G, T5) or `"flux"` (CLIP-L, T5).
       tokenizers: transformers tokenizers.
-      models: Flax text encoders; `text_encoder_3` is absent when the pipeline has no T5.
+      models: Flax text encoders; T5 (`T5_COMPONENT`) is absent when the pipeline has no T5 or it
+        was not loaded.
       max_lengths: tokens per encoder (CLIP: the first tokenizer's `model_max_length`, as diffusers;
         T5: `max_sequence_length`).
       joint_attention_dim: SD3 only, the width of the zero T5 stream used when there is no T5.
@@ -83,12 +92,16 @@ def _variables(params: dict[str, Any], lora: dict[str, Any] | None, component: s
 
 
 def t5_embeddings(encoders: PromptEncoders, params: dict[str, Any], input_ids: dict[str, jax.Array]) -> jax.Array:
-    """SD3's T5 stream `[B, T_t5, C_t5]`: T5's `last_hidden_state`, or zeros when the pipeline has no T5."""
-    if "text_encoder_3" not in encoders.models:
+    """The T5 stream `[B, T_t5, C_t5]` (SD3, FLUX.1): T5's `last_hidden_state`; for SD3 without T5, zeros."""
+    component = T5_COMPONENT[encoders.family]
+    if component not in encoders.models:
+        if encoders.family == "flux":
+            raise ValueError("FLUX.1's prompt embeddings are T5's (text_encoder_2), which is not loaded: "
+                             "load it, or pass precomputed t5_embeds")
         batch = next(iter(input_ids.values())).shape[0]
-        return jnp.zeros((batch, encoders.max_lengths["text_encoder_3"], encoders.joint_attention_dim))
-    model = encoders.models["text_encoder_3"]
-    return model.apply({"params": params["text_encoder_3"]}, input_ids["text_encoder_3"])["last_hidden_state"]
+        return jnp.zeros((batch, encoders.max_lengths[component], encoders.joint_attention_dim))
+    model = encoders.models[component]
+    return model.apply({"params": params[component]}, input_ids[component])["last_hidden_state"]
 
 
 def encode_prompts(
@@ -104,15 +117,22 @@ def encode_prompts(
     Args:
       params: `{component: params}` of the text encoders.
       input_ids: `{component: [B, T] int}`, from `tokenize_prompts`.
-      t5_embeds: SD3's precomputed T5 stream (`t5_embeddings`); computed here when `None`.
+      t5_embeds: SD3's or FLUX.1's precomputed T5 stream (`t5_embeddings`); computed here when `None`.
       lora: optional `{component: LoRA tree}` (`ctcal_jax.lora`), applied unmerged.
 
-    Returns `{"prompt_embeds"}` for SD, `{"prompt_embeds", "pooled_prompt_embeds"}` for SD3 (module docstring).
+    Returns `{"prompt_embeds"}` for SD, `{"prompt_embeds", "pooled_prompt_embeds"}` for SD3 and
+    FLUX.1 (module docstring).
     """
     if encoders.family == "sd":
         out = encoders.models["text_encoder"].apply(_variables(params, lora, "text_encoder"),
                                                     input_ids["text_encoder"])
         return {"prompt_embeds": out["last_hidden_state"]}
+    if encoders.family == "flux":
+        out = encoders.models["text_encoder"].apply(_variables(params, lora, "text_encoder"),
+                                                    input_ids["text_encoder"])
+        if t5_embeds is None:
+            t5_embeds = t5_embeddings(encoders, params, input_ids)
+        return {"prompt_embeds": t5_embeds, "pooled_prompt_embeds": out["pooled"]}
     hidden, pooled = [], []
     for c in ("text_encoder", "text_encoder_2"):
         out = encoders.models[c].apply(_variables(params, lora, c), input_ids[c], output_hidden_states=True)
