@@ -29,5 +29,10 @@ def _seeded_global_rngs():
     weights; it must not change with the test order)."""
     np.random.seed(0)
     if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(0)
+        torch = sys.modules["torch"]
+        torch.manual_seed(0)
+        # The PyTorch references are tiny: with XLA's threads already spinning on the same cores,
+        # torch's own pool made their forwards ~20x slower on 2-core machines.
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
     yield
