@@ -36,3 +36,15 @@ def _seeded_global_rngs():
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
     yield
+
+
+# The heaviest files first. pytest-xdist's `--dist loadfile` hands files out in collection order; one
+# of these collected last would leave the other worker idle for minutes at the end.
+HEAVY_FIRST = ("test_train_step.py", "test_train.py", "test_readme.py", "test_shapes_models.py",
+               "test_sampling_methods.py", "test_remat.py", "test_compile_check.py", "test_sample_cli.py",
+               "test_flux.py", "test_unet.py", "test_sampling.py", "test_lora.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept

@@ -11,6 +11,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
+# The benchmarks are run on accelerators, by hand; their smoke runs are with the slow checks.
+pytestmark = pytest.mark.slow
+
 
 def test_sampling_benchmark_runs(tmp_path):
     from benchmarks import sampling  # imported here: the script sets its environment defaults on import

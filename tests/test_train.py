@@ -3,9 +3,9 @@
 One uninterrupted run is the reference. Another is stopped twice — SIGTERM (preemption: it saves and
 exits 143) and SIGKILL at an arbitrary moment (after a periodic checkpoint and later steps) — and
 restarted with the same command each time; its per-step losses must equal the reference's. The same
-config on 8 fake devices (a 2×4 mesh) must give the 1-device losses; the exported LoRA must load in
-diffusers onto the same base and reproduce our outputs. Runs share a persistent compilation cache,
-so each restart compiles nothing new.
+config on 8 fake devices (a 2×4 mesh) must give the 1-device losses (`slow`); the exported LoRA
+must load in diffusers onto the same base and reproduce our outputs. Runs share a persistent
+compilation cache, so each restart compiles nothing new.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def test_preempted_and_killed_run_resumes_with_identical_losses(tmp, reference):
     np.testing.assert_allclose([ours[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)], rtol=1e-5)
 
 
+@pytest.mark.slow  # `make test` checks the step's loss and update on 1 and 8 devices (test_train_step.py)
 def test_eight_devices_give_the_one_device_losses(tmp, reference):
     workdir = tmp / "mesh2x4"
     train(tmp, workdir, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.sample_every=0",

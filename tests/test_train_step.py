@@ -1,6 +1,7 @@
 """The CTCAL train step: runs jitted once, teacher gives no gradient, no-noun samples are finite,
-accumulation averages micro-batch gradients, loss falls, same numbers on 1 and 8 devices (`slow`:
-the trainer's own 1-vs-8-device test runs in `make test`)."""
+accumulation averages micro-batch gradients, loss falls, same loss and update on 1 and 8 devices
+(the trainer's own 1-vs-8-device run is `slow`). The SD3 teacher-gradient check is `slow`: the SD3
+family's forward runs in `make test` through the other tests."""
 
 import dataclasses
 import json
@@ -39,7 +40,7 @@ def test_step_runs_finite_and_compiles_once(family):
     assert float(metrics[prefixes[0] + "ctcal_nouns"]) == 1.25  # (2 + 2 + 0 + 1) / 4: "left" is blacklisted
 
 
-@pytest.mark.parametrize("family", ["sd2", "sd3"])
+@pytest.mark.parametrize("family", ["sd2", pytest.param("sd3", marks=pytest.mark.slow)])
 def test_teacher_contributes_no_gradient(family):
     s = setup(family)
     state, frozen, family_ = s.state, s.frozen, s.family
@@ -136,7 +137,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow  # `make test` runs the trainer on 1 and 8 devices (test_train.py); this adds the update
 def test_same_loss_and_update_on_one_and_eight_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     tests = str(Path(__file__).parent)
