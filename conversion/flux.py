@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conversion.load import config_int, config_with_defaults
 from ctcal_jax.models.flux import FluxTransformer2DModel
 
 # diffusers' `FluxTransformer2DModel.__init__` arguments and their defaults.
@@ -40,26 +41,13 @@ _DEFAULTS = {
 PACK = 2  # FluxPipeline packs 2×2 latent pixels into one token
 
 
-def _int(config: dict[str, Any], key: str, minimum: int = 1) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config.json: {key}={value!r} is not supported (an integer ≥ {minimum} is expected)")
-    return value
-
-
 def build(config: dict[str, Any], dtype: Any = jnp.float32) -> FluxTransformer2DModel:
     """The Flax module for a diffusers `FluxTransformer2DModel` config; unsupported values raise ValueError."""
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS)
-    if unknown:
-        raise ValueError(f"config.json: keys {unknown} are not supported by FluxTransformer2DModel here "
-                         f"(known keys: {sorted(_DEFAULTS)})")
-    c = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
-    if c["out_channels"] is None:
-        c["out_channels"] = c["in_channels"]
+    c = config_with_defaults(config, _DEFAULTS, "FluxTransformer2DModel")
     for key in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                 "num_attention_heads", "joint_attention_dim", "pooled_projection_dim"):
-        _int(c, key)
-    _int(c, "num_single_layers", minimum=0)
+        config_int(c, key)
+    config_int(c, "num_single_layers", minimum=0)
     if c["patch_size"] != 1:
         raise ValueError(f"config.json: patch_size={c['patch_size']} is not supported (FluxPipeline's tokens are "
                          "2×2-packed latents with patch_size 1)")

@@ -172,3 +172,25 @@ def config_value(config: dict[str, Any], key: str, allowed: Any, config_file: st
     if value not in allowed:
         raise ValueError(f"{config_file}: {key}={value!r} is not supported (supported: {allowed})")
     return value
+
+
+def config_int(config: dict[str, Any], key: str, minimum: int = 1) -> int:
+    """`config[key]`, checked to be an integer of at least `minimum` (config.json's values)."""
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"config.json: {key}={value!r} is not supported (an integer ≥ {minimum} is expected)")
+    return value
+
+
+def config_with_defaults(config: dict[str, Any], defaults: dict[str, Any], class_name: str) -> dict[str, Any]:
+    """`defaults` updated with `config`'s values; a key `defaults` lacks (other than the `_`-prefixed
+    bookkeeping) is an error naming `class_name`, and `out_channels: None` means `in_channels`."""
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in defaults)
+    if unknown:
+        raise ValueError(f"config.json: keys {unknown} are not supported by {class_name} here "
+                         f"(known keys: {sorted(defaults)})")
+    c = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    if c.get("out_channels", 0) is None:
+        c["out_channels"] = c["in_channels"]
+    return c
+

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from conversion import names
-from conversion.load import config_value
+from conversion.load import config_int, config_value, config_with_defaults
 from ctcal_jax.models.mmdit import SD3Transformer2DModel
 
 # diffusers' `SD3Transformer2DModel.__init__` arguments and their defaults.
@@ -34,29 +34,16 @@ _DEFAULTS = {
 _QK_NORMS = (None, "rms_norm")
 
 
-def _int(config: dict[str, Any], key: str, minimum: int = 1) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config.json: {key}={value!r} is not supported (an integer ≥ {minimum} is expected)")
-    return value
-
-
 def build(config: dict[str, Any], dtype: Any = jnp.float32) -> SD3Transformer2DModel:
     """The Flax module for a diffusers `SD3Transformer2DModel` config; unsupported values raise ValueError."""
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS)
-    if unknown:
-        raise ValueError(f"config.json: keys {unknown} are not supported by SD3Transformer2DModel here "
-                         f"(known keys: {sorted(_DEFAULTS)})")
-    c = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
-    if c["out_channels"] is None:
-        c["out_channels"] = c["in_channels"]
+    c = config_with_defaults(config, _DEFAULTS, "SD3Transformer2DModel")
     config_value(c, "qk_norm", _QK_NORMS)
     for key in ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
                 "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
                 "pooled_projection_dim", "out_channels"):
-        _int(c, key)
+        config_int(c, key)
     if c["pos_embed_max_size"] is not None:
-        _int(c, "pos_embed_max_size")
+        config_int(c, "pos_embed_max_size")
     inner = c["num_attention_heads"] * c["attention_head_dim"]
     if c["caption_projection_dim"] != inner:
         raise ValueError(
