@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conversion.load import config_int, config_with_defaults
+from conversion.mmdit import one_token_inputs
 from ctcal_jax.models.flux import FluxTransformer2DModel
 
 # diffusers' `FluxTransformer2DModel.__init__` arguments and their defaults.
@@ -81,15 +82,8 @@ def build(config: dict[str, Any], dtype: Any = jnp.float32) -> FluxTransformer2D
 
 def abstract_params(module: FluxTransformer2DModel, config: dict[str, Any]) -> Any:
     """Parameter shapes, from a shape-only trace with one token of each kind."""
-    p = module.patch_size
-    args = (
-        jax.ShapeDtypeStruct((1, p, p, module.in_channels), jnp.float32),
-        jax.ShapeDtypeStruct((1,), jnp.float32),
-        jax.ShapeDtypeStruct((1, 1, module.joint_attention_dim), jnp.float32),
-        jax.ShapeDtypeStruct((1, module.pooled_projection_dim), jnp.float32),
-    )
     guidance = jax.ShapeDtypeStruct((1,), jnp.float32) if module.guidance_embeds else None
-    return jax.eval_shape(module.init, jax.random.key(0), *args, guidance=guidance)["params"]
+    return jax.eval_shape(module.init, jax.random.key(0), *one_token_inputs(module), guidance=guidance)["params"]
 
 
 def _whole(n: int) -> list[np.ndarray]:

@@ -74,16 +74,21 @@ def build(config: dict[str, Any], dtype: Any = jnp.float32) -> SD3Transformer2DM
     )
 
 
-def abstract_params(module: SD3Transformer2DModel, config: dict[str, Any]) -> Any:
-    """Parameter shapes, from a shape-only trace with one patch and one text token."""
+def one_token_inputs(module: Any) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract `(latents, timesteps, text states, pooled)` of one patch and one text token: the
+    smallest inputs a joint-attention transformer (MM-DiT, FLUX) traces with."""
     p = module.patch_size
-    args = (
+    return (
         jax.ShapeDtypeStruct((1, p, p, module.in_channels), jnp.float32),
         jax.ShapeDtypeStruct((1,), jnp.float32),
         jax.ShapeDtypeStruct((1, 1, module.joint_attention_dim), jnp.float32),
         jax.ShapeDtypeStruct((1, module.pooled_projection_dim), jnp.float32),
     )
-    return jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+
+
+def abstract_params(module: SD3Transformer2DModel, config: dict[str, Any]) -> Any:
+    """Parameter shapes, from a shape-only trace with one patch and one text token."""
+    return jax.eval_shape(module.init, jax.random.key(0), *one_token_inputs(module))["params"]
 
 
 def rename(key: str) -> names.Path | None:
