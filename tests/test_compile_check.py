@@ -66,6 +66,7 @@ def test_demo_on_a_2x4_mesh_prints_the_table_and_writes_the_json(demo_2x4):
     assert r["flops_per_step"] == pytest.approx(8 * r["compiled_flops_per_device"])
 
 
+@pytest.mark.slow  # make test's budget: the 2×4 demo check runs there
 def test_fsdp_shards_the_frozen_weights_over_devices(tmp, demo_2x4):
     """fsdp=4 splits the frozen kernels in four (`sharding.frozen`: each one's largest axis that
     divides); embeddings, norms and small kernels stay whole on every device."""

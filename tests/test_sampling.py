@@ -128,6 +128,7 @@ def test_any_resolution_equals_diffusers(sd2):
     assert_trajectories(ours, steps, final)
 
 
+@pytest.mark.slow  # make test's budget: bf16 models and LoRA are checked there
 def test_bf16_pipeline_samples_close_to_fp32():
     """bf16 weights and compute; latents carried in float32. Loose: bf16 has 8 mantissa bits."""
     pipe16 = sampling.load_pipeline("builtin:tiny-sd2", dtype=jnp.bfloat16)

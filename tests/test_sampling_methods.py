@@ -101,6 +101,7 @@ def subject_setup(pipe, prompt, words):
     return weights, mask, denoise_fn, loss
 
 
+@pytest.mark.slow  # make test's budget: refine inside generate is checked there
 def test_refine_on_a_converted_unet_lowers_the_subject_loss_and_compiles_once(sd2):
     """The acceptance check: `iterref.refine` under jit on a UNet loaded from a diffusers folder."""
     weights, mask, denoise_fn, loss = subject_setup(sd2, "a cat and a dog", ["cat", "dog"])

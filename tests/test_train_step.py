@@ -88,6 +88,7 @@ def test_accumulation_averages_micro_batch_gradients():
     np.testing.assert_allclose(float(metrics["grad_norm"]), ref_norm, rtol=1e-4)
 
 
+@pytest.mark.slow  # make test's budget: the trainer's runs train there
 def test_tiny_model_fits_one_batch():
     s = setup()
     step, state, frozen, family, b = s.step, s.state, s.frozen, s.family, batch()
@@ -137,6 +138,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # make test's budget: the 8-device step compiles there (compile check)
 def test_same_loss_and_update_on_one_and_eight_devices():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     tests = str(Path(__file__).parent)

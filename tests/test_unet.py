@@ -111,7 +111,7 @@ def test_scalar_timestep_broadcasts(unet):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("cfg", [SD1, SD2], ids=["sd1", "sd2"])
+@pytest.mark.parametrize("cfg", [pytest.param(SD1, marks=pytest.mark.slow), SD2], ids=["sd1", "sd2"])
 def test_bf16_compute_over_fp32_params(cfg, tmp_path):
     """bf16 compute over fp32 params: within 2e-2 of diffusers in fp32 (SPEC §1) on average over four
     random models, and each no worse than 1.6× diffusers' own bf16 on the same weights.
