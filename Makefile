@@ -42,7 +42,8 @@ $(STAMP): $(LOCKED) pyproject.toml
 # trainer's reference run are computed once). XLA compiles on one core, so two workers keep both
 # cores busy: on the 2-core CI machine the suite took 11 min 21 s this way, where the serial suite
 # took 11 min 41 s before the trainer's tests (about 6 more minutes serially) were added. With the
-# sampler, the README's blocks and the shapes world it took 17 min 59 s (19 min 4 s with installation).
+# sampler, the README's blocks and the shapes world it took 17 min 59 s (19 min 4 s with installation);
+# with FLUX and the shapes experiment, after moving ten checks to `slow`, 16 min 44 s (17 min 51 s).
 TEST_WORKERS ?= 2
 
 test: setup
