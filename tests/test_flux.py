@@ -30,7 +30,7 @@ from ctcal_jax import lora  # noqa: E402
 from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
 from ctcal_jax.models.flux import FluxTransformer2DModel, image_ids  # noqa: E402
 from ctcal_jax.paths import join_path  # noqa: E402
-from tests.tiny import nchw, nhwc, randomize, rel_err, save  # noqa: E402
+from tests.tiny import model_cache, nchw, nhwc, rel_err, save  # noqa: E402
 
 # Tiny configs; sizes differ between them (heads, head dims, RoPE split, out ≠ in channels) so that a
 # swapped axis or chunk order cannot pass by symmetry. Latent channels are in_channels / 4.
@@ -127,21 +127,9 @@ def make_inputs(name: str, height: int = 8, width: int = 12, seed: int = 0):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """name -> (torch model, folder, flax module, params), built on first use."""
-    cache: dict = {}
+    from diffusers import FluxTransformer2DModel as TorchFlux
 
-    def get(name: str):
-        if name not in cache:
-            from diffusers import FluxTransformer2DModel as TorchFlux
-
-            torch.manual_seed(0)
-            ref = TorchFlux(**CONFIGS[name]).eval()
-            randomize(ref, seed=1)
-            folder = save(ref, tmp_path_factory.mktemp(name))
-            module, params = load_component(folder, "transformer")
-            cache[name] = (ref, folder, module, params)
-        return cache[name]
-
-    return get
+    return model_cache(TorchFlux, CONFIGS, tmp_path_factory)
 
 
 _JITTED: dict = {}

@@ -24,7 +24,7 @@ from conversion import load_component  # noqa: E402
 from conversion import mmdit as mmdit_conversion  # noqa: E402
 from ctcal_jax.attention import TACA, AttnCapture  # noqa: E402
 from ctcal_jax.models.mmdit import sincos_pos_embed  # noqa: E402
-from tests.tiny import JointProbsProcessor, nchw, nhwc, randomize, rel_err, save  # noqa: E402
+from tests.tiny import JointProbsProcessor, model_cache, nchw, nhwc, rel_err, save  # noqa: E402
 
 # Tiny configs in the style of each release; sizes differ between them on purpose (heads, widths,
 # out ≠ in channels, odd crop offsets) so that a swapped axis or chunk order cannot pass by symmetry.
@@ -81,21 +81,9 @@ def make_inputs(cfg: dict, batch: int = 2, height: int = HEIGHT, width: int = WI
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """name -> (torch model, folder, flax module, params), built on first use."""
-    cache: dict = {}
+    from diffusers import SD3Transformer2DModel
 
-    def get(name: str):
-        if name not in cache:
-            from diffusers import SD3Transformer2DModel
-
-            torch.manual_seed(0)
-            ref = SD3Transformer2DModel(**CONFIGS[name]).eval()
-            randomize(ref, seed=1)
-            folder = save(ref, tmp_path_factory.mktemp(name))
-            module, params = load_component(folder, "transformer")
-            cache[name] = (ref, folder, module, params)
-        return cache[name]
-
-    return get
+    return model_cache(SD3Transformer2DModel, CONFIGS, tmp_path_factory)
 
 
 def _apply(module, params, inputs, **kw):

@@ -154,3 +154,26 @@ def tag_words(lexicon: dict[str, str], prompt: str) -> list[tuple[str, str, int,
         pos = start + len(word)
         out.append((word, lexicon.get(word, "X"), start, pos))
     return out
+
+
+def model_cache(torch_class, configs: dict, tmp_path_factory):
+    """`get(name) -> (torch model, folder, flax module, params)`: `torch_class(**configs[name])` with
+    seeded random weights, saved and loaded back with `load_component`, built on first use."""
+    from conversion import load_component
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            import torch
+
+            torch.manual_seed(0)
+            ref = torch_class(**configs[name]).eval()
+            randomize(ref, seed=1)
+            folder = save(ref, tmp_path_factory.mktemp(name))
+            module, params = load_component(folder, "transformer")
+            cache[name] = (ref, folder, module, params)
+        return cache[name]
+
+    return get
+
