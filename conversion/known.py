@@ -61,9 +61,16 @@ def _sd2_scheduler(prediction_type: str) -> dict[str, Any]:
 
 
 _FLOW = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# FLUX.1-dev's `scheduler/scheduler_config.json`: the shift is set per resolution at sampling;
+# schnell's is unshifted (shift 1, no dynamic shifting).
+_FLUX_FLOW = {**_FLOW, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+              "max_image_seq_len": 4096}
+_FLUX_SCHNELL_FLOW = {**_FLUX_FLOW, "shift": 1.0, "use_dynamic_shifting": False}
+# FLUX.1's CLIP-L is a plain `CLIPTextModel` (the pooled output, no projection).
+CLIP_L_POOLED = {**CLIP_L, "architectures": ["CLIPTextModel"]}
 
 # hub id -> {"family", "scheduler", component -> config}. Text encoders as the step uses them (the SD3
-# T5 stream comes precomputed from `prepare`, so T5 is not part of the step).
+# and FLUX.1 T5 streams come precomputed from `prepare`, so T5 is not part of the step).
 PIPELINES: dict[str, dict[str, Any]] = {
     "stabilityai/stable-diffusion-2-1": {
         "family": "sd2", "scheduler": _sd2_scheduler("v_prediction"),
@@ -78,5 +85,11 @@ PIPELINES: dict[str, dict[str, Any]] = {
     },
     "stabilityai/stable-diffusion-3.5-medium": {
         "family": "sd3", "scheduler": _FLOW, "transformer": SD35_MEDIUM, "text_encoder": CLIP_L, "text_encoder_2": CLIP_G,
+    },
+    "black-forest-labs/FLUX.1-dev": {
+        "family": "flux", "scheduler": _FLUX_FLOW, "transformer": FLUX_DEV, "text_encoder": CLIP_L_POOLED,
+    },
+    "black-forest-labs/FLUX.1-schnell": {
+        "family": "flux", "scheduler": _FLUX_SCHNELL_FLOW, "transformer": FLUX_SCHNELL, "text_encoder": CLIP_L_POOLED,
     },
 }

@@ -1,4 +1,4 @@
-"""LoRA files <-> `ctcal_jax.lora` pytrees, and export of merged weights as a diffusers folder.
+r"""LoRA files <-> `ctcal_jax.lora` pytrees, and export of merged weights as a diffusers folder.
 
 Read:
 - diffusers / peft: `{component}.{module}.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`

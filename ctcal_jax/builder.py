@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from ctcal_jax import config as config_lib
 from ctcal_jax import ctcal, lora, schedules, text
 from ctcal_jax.attention import TACA
+from ctcal_jax.families import flux as flux_family
 from ctcal_jax.families import mmdit as mmdit_family
 from ctcal_jax.families import unet as unet_family
 from ctcal_jax.optim import adamw_groups
@@ -41,7 +42,7 @@ class Pipeline:
 
     Attributes:
       family: "sd2" (SD 1.x/2.x: UNet, one CLIP), "sd3" (SD3/3.5: MM-DiT, CLIP-L, CLIP-G, T5) or
-        "flux" (FLUX.1: `FluxTransformer2DModel`, CLIP-L, T5; sampling only so far, no training step).
+        "flux" (FLUX.1: `FluxTransformer2DModel`, CLIP-L, T5; the diffusion and TACA objectives).
       denoiser: the UNet, MM-DiT or FLUX Flax module.
       encoders: the text side (tokenizers, text modules, lengths).
       params: frozen params by component (`unet` | `transformer`, `text_encoder`, ..., optionally
@@ -110,7 +111,8 @@ def trained_text_encoders(config: ml_collections.ConfigDict, pipeline: Pipeline)
     """The CLIP encoders that get a LoRA: `config.lora.text_targets` empty trains none; T5 never (SPEC §3)."""
     if not config.lora.text_targets or config.objective == "taca":
         return ()
-    return tuple(c for c in pipeline.encoders.models if c != "text_encoder_3")
+    t5 = text.T5_COMPONENT.get(pipeline.encoders.family)
+    return tuple(c for c in pipeline.encoders.models if c != t5)
 
 
 def init_trainable(config: ml_collections.ConfigDict, pipeline: Pipeline, rng: jax.Array) -> dict[str, Any]:
@@ -138,14 +140,8 @@ def make_optimizer(config: ml_collections.ConfigDict, trainable: Any) -> optax.G
     return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), adamw) if o.max_grad_norm else adamw
 
 
-def _check_trainable(pipeline: Pipeline) -> None:
-    if pipeline.family == "flux":
-        raise ValueError(f"{pipeline.source}: training a FLUX.1 pipeline is not supported yet (sampling is)")
-
-
 def make_family(config: ml_collections.ConfigDict, pipeline: Pipeline) -> Family:
     """The objective of `config.objective` for the pipeline's model family."""
-    _check_trainable(pipeline)
     remat = config.model.remat
     loss = ctcal_config(config) if config.objective == "ctcal" else None
     if pipeline.family == "sd2":
@@ -154,12 +150,18 @@ def make_family(config: ml_collections.ConfigDict, pipeline: Pipeline) -> Family
             pipeline.denoiser, pipeline.encoders, loss, schedule=sched,
             prediction_type=pipeline.scheduler.get("prediction_type", "epsilon"),
             resolution=config.ctcal.map_resolution, remat=remat, objective=config.objective, vae=pipeline.vae)
+    taca = TACA(config.taca.gamma, config.taca.t_threshold)
+    if pipeline.family == "flux":
+        return flux_family.make_family(
+            pipeline.denoiser, pipeline.encoders, num_train_timesteps=config.num_train_timesteps,
+            shift=flux_family.training_shift(pipeline.scheduler), guidance=config.flow.guidance, remat=remat,
+            objective=config.objective, taca=taca, vae=pipeline.vae)
     blocks = config.ctcal.capture_blocks
     return mmdit_family.make_family(
         pipeline.denoiser, pipeline.encoders, loss, shift=float(pipeline.scheduler.get("shift", 3.0)),
         logit_mean=config.flow.logit_mean, logit_std=config.flow.logit_std,
         capture_blocks=None if blocks is None else tuple(blocks), remat=remat, objective=config.objective,
-        taca=TACA(config.taca.gamma, config.taca.t_threshold), vae=pipeline.vae)
+        taca=taca, vae=pipeline.vae)
 
 
 def build(
@@ -178,7 +180,6 @@ def build(
         With an abstract pipeline the state is abstract too (`jax.ShapeDtypeStruct`s).
     """
     config_lib.check(config)
-    _check_trainable(pipeline)
     mesh = mesh or mesh_from_config(config)
     frozen = dict(pipeline.params)
     abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))
@@ -220,25 +221,26 @@ def global_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> int:
 def abstract_batch(config: ml_collections.ConfigDict, pipeline: Pipeline, batch_size: int | None = None) -> dict:
     """Shapes and dtypes of a training batch for `pipeline` (compile checks): images when the
     pipeline carries its VAE (image data), else prepared latents; token ids, the CTCAL token arrays
-    of each stream, and SD3's T5 stream."""
+    of each stream, and SD3's or FLUX.1's precomputed T5 stream."""
     b = batch_size or config.batch_size
     r = config.data.resolution
     f32, i32 = jnp.float32, jnp.int32
     n = config.data.max_nouns
     spec = jax.ShapeDtypeStruct
-    latent_c = pipeline.denoiser.out_channels  # latent channels in = out for SD/SD3
+    latent_c = pipeline.denoiser.out_channels  # latent channels in = out for SD/SD3/FLUX.1
+    t5 = text.T5_COMPONENT.get(pipeline.encoders.family)
     if pipeline.vae is not None:
         pixels = {"images": spec((b, r, r, 3), f32)}
     else:
         pixels = {"latents": spec((b, r // 8, r // 8, latent_c), f32)}
     batch: dict[str, Any] = {**pixels, "input_ids": {c: spec((b, pipeline.encoders.max_lengths[c]), i32)
-                                                     for c in pipeline.encoders.models if c != "text_encoder_3"}}
+                                                     for c in pipeline.encoders.models if c != t5}}
     if pipeline.family == "sd2":
         batch.update(noun_weights=spec((b, n, 77), f32), token_mask=spec((b, 77), bool))
-    else:
-        t5 = pipeline.encoders.max_lengths["text_encoder_3"]
-        width = pipeline.denoiser.joint_attention_dim
-        batch.update(noun_weights_clip=spec((b, n, 77), f32), token_mask_clip=spec((b, 77), bool),
-                     noun_weights_t5=spec((b, n, t5), f32), token_mask_t5=spec((b, t5), bool),
-                     t5_embeds=spec((b, t5, width), f32))
+        return batch
+    if pipeline.family == "sd3":
+        batch.update(noun_weights_clip=spec((b, n, 77), f32), token_mask_clip=spec((b, 77), bool))
+    length = pipeline.encoders.max_lengths[t5]
+    batch.update(noun_weights_t5=spec((b, n, length), f32), token_mask_t5=spec((b, length), bool),
+                 t5_embeds=spec((b, length, pipeline.denoiser.joint_attention_dim), f32))
     return batch

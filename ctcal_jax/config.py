@@ -5,13 +5,15 @@ that is not below (a typo, `--config.no_such_key=1`) is an error instead of a si
 setting. Keys (API.md's "every training config has" marked *):
 
 - `model.pretrained`* — a diffusers folder, a hub id, or `builtin:tiny-sd2` / `builtin:tiny-sd3`
-  (tiny random pipelines written by the project, for CPU runs; `builtin:tiny-flux` samples only);
+  / `builtin:tiny-flux` (tiny random pipelines written by the project, for CPU runs);
   `model.dtype` (weights), `model.compute_dtype` ("" = `model.dtype`), `model.remat` (none | dots | full).
-- `objective`: ctcal | diffusion (GORS when the data carries rewards) | taca (SD3: SPEC §4).
+- `objective`: ctcal | diffusion (GORS when the data carries rewards) | taca (SD3, FLUX.1: SPEC §4);
+  FLUX.1 trains diffusion and taca only.
 - `ctcal.*`: SPEC §3 (`teacher_t` -1 = the sampler's priority timestep), `map_resolution` (r of the
   captured r×r maps), `capture_blocks` (SD3; None = all).
 - `taca.gamma`, `taca.t_threshold`; `flow.logit_mean`, `flow.logit_std` (SD3's training sampler; the
-  shift is the pipeline scheduler's).
+  shift is the pipeline scheduler's); `flow.guidance` (FLUX.1-dev's embedded guidance while training,
+  3.5 as diffusers' FLUX script; FLUX.1's timesteps are uniform, `families.flux`).
 - `lora.rank`, `lora.alpha`, `lora.targets` (denoiser modules, regex over diffusers module paths),
   `lora.text_targets` (CLIP encoders; "" trains none).
 - `optim.groups`: `((regex over trainable paths, lr, weight decay), ...)`, first match wins, an
@@ -70,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
         teacher="priority", teacher_t=-1.0, map_resolution=16, capture_blocks=None,
     )
     c.taca = dict(gamma=1.2, t_threshold=970.0)
-    c.flow = dict(logit_mean=0.0, logit_std=1.0)
+    c.flow = dict(logit_mean=0.0, logit_std=1.0, guidance=3.5)
     c.lora = dict(rank=4, alpha=4.0, targets=lora.DEFAULT_TARGETS, text_targets=TEXT_TARGETS)
     c.optim = dict(groups=SD2_GROUPS, b1=0.9, b2=0.999, eps=1e-8, warmup_steps=0, accum_steps=1,
                    max_grad_norm=0.0)
@@ -191,7 +193,7 @@ def apply_ablations(c: ml_collections.ConfigDict, names: list[str]) -> ml_collec
 def runlocal(c: ml_collections.ConfigDict, pipeline: str) -> ml_collections.ConfigDict:
     """A CPU smoke-test size of any config: a built-in tiny pipeline, synthetic data, a few steps."""
     c.model.pretrained = f"builtin:{pipeline}"
-    c.model.dtype = "float32"
+    c.model.dtype, c.model.compute_dtype = "float32", ""
     c.data.kind, c.data.path, c.data.prompts = "synthetic", "", DEMO_PROMPTS
     c.data.resolution, c.data.max_nouns = 256, 4
     c.data.latent_channels = 4 if pipeline == "tiny-sd2" else 16

@@ -6,7 +6,7 @@
 Once per data set, so that training runs neither the VAE encoder, nor T5, nor the tagger:
 - images resized and centre-cropped as diffusers' train scripts do (`data.images`), encoded with the
   pipeline's VAE: the posterior mean, then `(z − shift) · scale` from the VAE config (`latents`);
-- SD3: T5's `last_hidden_state` on the prompt (`t5_embeds`; zeros when the pipeline has no T5);
+- SD3 and FLUX.1: T5's `last_hidden_state` on the prompt (`t5_embeds`; SD3 without T5: zeros);
 - the text arrays (`data.examples`): nouns from the row's `nouns`, else tagged by Stanza.
 
 Shard k holds the examples of metadata rows `[k·shard_size, (k+1)·shard_size)`; bad rows
@@ -41,20 +41,21 @@ ARGS_FILE = "prepare_args.json"
 
 
 def _encoders_fn(vae, vae_params, encoders: text.PromptEncoders, text_params: dict[str, Any]):
-    """`(images [B, R, R, 3], t5 ids [B, 256] | None) -> (latents, t5_embeds | None)`, jitted once."""
+    """`(images [B, R, R, 3], t5 ids [B, T] | None) -> (latents, t5_embeds | None)`, jitted once."""
     latents = jax.jit(lambda p, x: scale_latents(vae.apply({"params": p}, x, method="encode")[0], vae))
+    component = text.T5_COMPONENT.get(encoders.family)
     t5 = None
-    if "text_encoder_3" in encoders.models:
-        t5 = jax.jit(lambda p, ids: text.t5_embeddings(encoders, p, {"text_encoder_3": ids}))
+    if component in encoders.models:
+        t5 = jax.jit(lambda p, ids: text.t5_embeddings(encoders, p, {component: ids}))
 
     def encode(images: np.ndarray, t5_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         z = np.asarray(latents(vae_params, images), np.float32)
-        if encoders.family != "sd3":
+        if component is None:
             return z, None
-        if t5 is None:
-            return z, np.zeros((len(images), encoders.max_lengths["text_encoder_3"], encoders.joint_attention_dim),
+        if t5 is None:  # SD3 saved without T5 (FLUX.1 cannot be loaded without it)
+            return z, np.zeros((len(images), encoders.max_lengths[component], encoders.joint_attention_dim),
                                np.float32)
-        return z, np.asarray(t5({"text_encoder_3": text_params["text_encoder_3"]}, t5_ids), np.float32)
+        return z, np.asarray(t5({component: text_params[component]}, t5_ids), np.float32)
 
     return encode
 
@@ -79,9 +80,10 @@ def _shard_examples(source: ImageFolderSource, rows: range, batch_size: int, enc
         images = np.zeros((batch_size, *examples[0]["images"].shape), np.float32)
         images[:n] = np.stack([e.pop("images") for e in examples])
         t5_ids = None
-        if "text_encoder_3" in source.encoders.tokenizers:
-            t5_ids = np.zeros((batch_size, source.encoders.max_lengths["text_encoder_3"]), np.int32)
-            t5_ids[:n] = np.stack([e["input_ids"]["text_encoder_3"] for e in examples])
+        component = text.T5_COMPONENT.get(source.encoders.family)
+        if component in source.encoders.tokenizers:
+            t5_ids = np.zeros((batch_size, source.encoders.max_lengths[component]), np.int32)
+            t5_ids[:n] = np.stack([e["input_ids"][component] for e in examples])
         latents, t5_embeds = encode(images, t5_ids)
         for j, example in enumerate(examples):
             example["latents"] = latents[j]

@@ -303,7 +303,8 @@ def sweep(sampler: Sampler, steps: list[int], scorer_spec: str | None, out: Path
         scorer, name = cli.import_function(scorer_spec, "--scorer"), scorer_spec
     else:
         subjects = {row["prompt"]: sampler.words(p) for p, row in enumerate(sampler.rows)}
-        scorer = scorers.subject_attention(sampler.pipe, subjects=subjects, tagger=sampler.tagger)
+        scorer = scorers.subject_attention(sampler.pipe, subjects=subjects, tagger=sampler.tagger,
+                                           guidance=sampler.guidance if sampler.pipe.family == "flux" else None)
         name = "ctcal_jax.scorers:subject_attention"
     n_prompts, n = len(sampler.rows), sampler.s.n_per_prompt
     progress = _progress(len(sampler.jobs) * (1 + len(steps)))

@@ -362,6 +362,12 @@ def subject_weights(pipe: Pipeline, prompts: Sequence[str], subjects: Sequence[S
     return (np.pad(weights, ((0, 0), (0, 0), (0, pad))), np.pad(masks, ((0, 0), (0, pad))))
 
 
+def map_kernel(pipe: Pipeline) -> int:
+    """The smoothing kernel of processed maps (SPEC §2): 3 on the UNet's 16×16 maps, 5 on the 64×64
+    maps of the joint-attention transformers (SD3, FLUX.1) at 1024 px."""
+    return 3 if pipe.family == "sd2" else 5
+
+
 def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.IterRef | None, n_steps: int
                     ) -> tuple[_IterRefStatic | None, dict[str, jax.Array]]:
     if ir is None:
@@ -369,7 +375,7 @@ def _iterref_inputs(pipe: Pipeline, prompts: Sequence[str], ir: iterref_lib.Iter
     if not 0 <= ir.step < n_steps:
         raise ValueError(f"IterRef(step={ir.step}): expected a step index in 0..{n_steps - 1}")
     weights, mask = subject_weights(pipe, prompts, ir.subjects, ir.tagger)
-    kernel = ir.kernel_size or (3 if pipe.family == "sd2" else 5)  # SPEC §2: 5 on MM-DiT's 64×64 maps
+    kernel = ir.kernel_size or map_kernel(pipe)
     spans = stream_spans(pipe)
     gsn = ir.gsn_steps or (0, 0)
     static = _IterRefStatic(ir.n_iters, ir.loss, ir.eps, kernel, ir.sigma, tuple(spans), ir.gsn_steps is not None)

@@ -68,20 +68,23 @@ def overlay_figure(pipe: Pipeline, prompt: str, words: Sequence[str], attn: Any,
     """One sample's figure (`viz.subject_figure`): the image and each subject word's map, from the
     sample's step-averaged maps `attn` `[1, h, w, T]` (`generate(..., return_attn=True)`)."""
     weights, mask = sampling.subject_weights(pipe, [prompt], [list(words)])
-    kernel = 5 if pipe.family == "sd3" else 3
+    kernel = sampling.map_kernel(pipe)
     processed = overlay_maps(subject_maps(attn, weights, mask, sampling.stream_spans(pipe), kernel))[0]
     return viz.subject_figure(prompt, image, list(words), processed[..., :len(words)])
 
 
 def subject_attention(pipe: Pipeline, *, subjects: Mapping[str, Sequence[str]] | None = None,
                       tagger: Any = "stanza", timestep: float = DEFAULT_TIMESTEP, seed: int = 0,
-                      kernel_size: int | None = None, sigma: float = 0.5) -> Scorer:
+                      kernel_size: int | None = None, sigma: float = 0.5, guidance: float | None = None) -> Scorer:
     """The built-in scorer (module docstring) for `pipe`: `(images [B, H, W, 3] in [0, 1], prompts)
     -> [B]` scores in [0, 1]. `subjects` maps a prompt to its subject words; other prompts are tagged
-    with `tagger` ("stanza" or a callable, `nouns.tag`). Compiled once per batch shape."""
+    with `tagger` ("stanza" or a callable, `nouns.tag`). `guidance`: FLUX.1-dev's embedded guidance
+    scale (default `sampling.DEFAULT_GUIDANCE`, 3.5); other models take none. Compiled once per batch shape."""
     if pipe.vae is None:
         raise ValueError(f"the subject-attention scorer encodes images with the VAE; {pipe.source!r} has none")
-    kernel = kernel_size or (5 if pipe.family == "sd3" else 3)
+    kernel = kernel_size or sampling.map_kernel(pipe)
+    embeds_guidance = pipe.family == "flux" and pipe.denoiser.guidance_embeds
+    guidance = sampling.DEFAULT_GUIDANCE[pipe.family] if guidance is None else float(guidance)
     spans = sampling.stream_spans(pipe)
     name = pipe.denoiser_name
 
@@ -99,8 +102,9 @@ def subject_attention(pipe: Pipeline, *, subjects: Mapping[str, Sequence[str]] |
             _, aux = pipe.denoiser.apply({"params": params[name]}, x_t, t, cond["prompt_embeds"], capture=capture)
         else:
             x_t = schedules.flow_noisy_input(x0, noise, schedules.flow_sigmas(t))
+            extra = {"guidance": jnp.full((x0.shape[0],), guidance, jnp.float32)} if embeds_guidance else {}
             _, aux = pipe.denoiser.apply({"params": params[name]}, x_t, t, cond["prompt_embeds"],
-                                         cond["pooled_prompt_embeds"], capture=AttnCapture(blocks=None))
+                                         cond["pooled_prompt_embeds"], capture=AttnCapture(blocks=None), **extra)
         return peak_score(subject_maps(aux["attn"], weights, mask, spans, kernel, sigma), weights, spans)
 
     def score(images: np.ndarray, prompts: list[str]) -> np.ndarray:

@@ -236,3 +236,21 @@ def test_flux_arguments_are_checked(flux):
     sd2 = sampling.load_pipeline("builtin:shapes-sd2")
     with pytest.raises(ValueError, match="true_cfg_scale applies to FLUX.1"):
         sampling.generate(sd2, "a cat", true_cfg_scale=2.0)
+
+
+def test_subject_attention_scorer_embeds_flux_dev_guidance(flux):
+    """The sweep's built-in scorer on FLUX.1-dev: the maps on the T5 tokens, the embedded guidance
+    passed (the pipeline's 3.5 by default, another value scores differently)."""
+    from ctcal_jax import scorers
+
+    _, _, pipe = flux
+    images = np.random.default_rng(0).uniform(size=(2, 64, 64, 3)).astype(np.float32)
+    subjects = {"a red cat": ["cat"], "a blue car on a road": ["car", "road"]}
+
+    def score(**kw):
+        return scorers.subject_attention(pipe, subjects=subjects, **kw)(images, list(subjects))
+
+    default = score()
+    assert default.shape == (2,) and ((0 <= default) & (default <= 1)).all()
+    np.testing.assert_array_equal(score(guidance=3.5), default)
+    assert not np.allclose(score(guidance=20.0), default, rtol=1e-6, atol=0)

@@ -1,13 +1,15 @@
 """One training example's text arrays: a row `(prompt, given nouns, reward)` -> the batch keys the
 family train steps read (`families/unet.py`, `families/mmdit.py`), without the batch axis.
 
-Axes: T tokens of one text stream (77 for CLIP, 256 for SD3's T5), N nouns (`max_nouns`).
+Axes: T tokens of one text stream (77 for CLIP, 256 for SD3's T5, 512 for FLUX.1's), N nouns (`max_nouns`).
 
 - `input_ids` `{component: int32 [T]}` for every tokenizer of the pipeline (`text.tokenize`).
 - SD 1.x/2.x (`family="sd"`): `noun_weights` float32 `[N, 77]`, `token_mask` bool `[77]`.
 - SD3 (`family="sd3"`): `noun_weights_clip`/`token_mask_clip` from the CLIP-L tokenizer
   (`text_encoder`), `noun_weights_t5` `[N, 256]`/`token_mask_t5` `[256]` from the T5 tokenizer
   (`text_encoder_3`); all zeros when the pipeline has no T5 (its stream is zeros too).
+- FLUX.1 (`family="flux"`): `noun_weights_t5` `[N, 512]`/`token_mask_t5` `[512]` from the T5 tokenizer
+  (`text_encoder_2`), FLUX.1's only text stream in the attention (CLIP-L gives the pooled vector).
 - `reward` float32 `[]` when the row has one (GORS weight, SPEC §3).
 
 The noun arrays are exactly `nouns.prepare_batch`'s for a batch of one.
@@ -80,6 +82,8 @@ def _text_arrays(encoders: text.PromptEncoders, prompt: str, given: Sequence[str
 
     if encoders.family == "sd":
         out["noun_weights"], out["token_mask"] = arrays("text_encoder")
+    elif encoders.family == "flux":
+        out["noun_weights_t5"], out["token_mask_t5"] = arrays(text.T5_COMPONENT["flux"])
     else:
         out["noun_weights_clip"], out["token_mask_clip"] = arrays("text_encoder")
         if "text_encoder_3" in encoders.tokenizers:

@@ -4,12 +4,12 @@ Layout of a prepared folder DIR:
 - `DIR/shard-00000.array_record`, `shard-00001...`: one record per example, the example's dict of
   numpy arrays serialised with `flax.serialization.msgpack_serialize` (no pickle: reading a data
   set runs no code from it).
-- `DIR/prepared.json`: `family` ("sd" | "sd3"), `resolution`, `max_nouns`, `keys` and `shapes`/
+- `DIR/prepared.json`: `family` ("sd" | "sd3" | "flux"), `resolution`, `max_nouns`, `keys` and `shapes`/
   `dtypes` of an example, `shards` (`file`, `rows` of metadata it covered, `records` written),
   `rows`, `records`, `skipped_rows`, and the VAE's `scaling_factor`/`shift_factor` applied.
 
 An example: `latents` `[h, w, C]` float32, already `(z − shift) · scale` (what the denoiser sees),
-the text arrays (`examples`), for SD3 `t5_embeds` `[256, C_t5]` (T5 is frozen: computed once), and
+the text arrays (`examples`), for SD3 and FLUX.1 `t5_embeds` `[256 | 512, C_t5]` (T5 is frozen: computed once), and
 `reward` `[]` when the data has rewards.
 """
 
