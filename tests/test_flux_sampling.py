@@ -27,7 +27,7 @@ from conversion import tiny  # noqa: E402
 from ctcal_jax import sampling, text  # noqa: E402
 from ctcal_jax.attention import TACA  # noqa: E402
 from tests.test_flux import FluxProbsProcessor  # noqa: E402
-from tests.tiny import nchw, nhwc, rel_err  # noqa: E402
+from tests.tiny import nchw, nhwc, randomize, rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 128, 96  # latents 16×12, 8×6 image tokens
@@ -254,3 +254,28 @@ def test_subject_attention_scorer_embeds_flux_dev_guidance(flux):
     assert default.shape == (2,) and ((0 <= default) & (default <= 1)).all()
     np.testing.assert_array_equal(score(guidance=3.5), default)
     assert not np.allclose(score(guidance=20.0), default, rtol=1e-6, atol=0)
+
+
+def test_schnell_trajectory_equals_diffusers(flux, tmp_path):
+    """FLUX.1-schnell: no guidance embedding (the guidance scale is not an input), the scheduler's
+    static shift 1 instead of the dynamic one; the tiny folder with a schnell transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    folder, ref, _ = flux
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(**{k: v for k, v in tiny.FLUX.items() if k != "_class_name"}
+                                         | {"guidance_embeds": False}).eval()
+    randomize(transformer, 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    schnell = diffusers.FluxPipeline(**{**ref.components, "transformer": transformer, "scheduler": scheduler})
+    schnell.set_progress_bar_config(disable=True)
+    schnell.save_pretrained(tmp_path / "schnell", safe_serialization=True)
+    pipe = sampling.load_pipeline(tmp_path / "schnell")
+    assert not pipe.denoiser.guidance_embeds
+    x = noise(5)
+    steps, final = run_diffusers(schnell, x, prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=0.0)
+    ours = sampling.generate(pipe, PROMPTS, latents=x, num_inference_steps=STEPS, height=HEIGHT, width=WIDTH,
+                             decode=False, return_trajectory=True)
+    assert max(rel_err(a, b) for a, b in zip(ours["trajectory"], steps)) <= 1e-4
+    assert rel_err(ours["latents"], final) <= 1e-4
+    assert rel_err(ours["latents"], x) > 1e-2  # the model moved the latents
