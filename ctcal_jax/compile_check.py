@@ -10,8 +10,10 @@ weights read from the pipeline's config files only (a local folder, `builtin:tin
 is lowered and compiled for this host's backend with a batch of `builder.abstract_batch` (split over
 the mesh as the trainer splits it), and a table is printed: the mesh, parameter counts, lowering and
 compile time, XLA's `memory_analysis()` per device (argument, output, alias, temp, generated code;
-total = argument + output - alias + temp), the compiled FLOPs when the backend has a cost analysis,
-and whether the total fits `--device-memory-gib`. `--json OUT` writes the same numbers.
+total = argument + output - alias + temp), the activations the remat policy keeps for the backward
+pass of one device's micro-batch (traced, so the same on every backend: the part of temp a CPU
+compile cannot estimate for a GPU), the compiled FLOPs when the backend has a cost analysis, and
+whether the total fits `--device-memory-gib`. `--json OUT` writes the same numbers.
 
 `--devices N` compiles for N CPU devices faked on this host (`jax_num_cpu_devices`, the same as
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`; it selects the CPU backend, so it also works
@@ -39,7 +41,9 @@ from ml_collections import config_flags
 
 from conversion import pipeline as pipeline_io
 from ctcal_jax import builder, cli
+from ctcal_jax.models import remat as remat_lib
 from ctcal_jax.sharding import batch_sharding
+from ctcal_jax.train_step import loss_fn
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/NAME.py file (its get_config()).", lock_config=True)
@@ -91,6 +95,23 @@ def memory_of(compiled: Any) -> dict[str, int] | None:
     return out
 
 
+def kept_per_device(config: Any, pipe: Any, run: builder.Run, batch_size: int, devices: int) -> tuple[int, int]:
+    """The bytes autodiff keeps from the forward pass for the backward (`models.remat.kept_bytes` of
+    the loss w.r.t. the trainable tree) for one device's micro-batch, and that micro-batch's size:
+    what the remat policy keeps on any backend, before a compiler schedules it."""
+    per_device = max(batch_size // (config.optim.accum_steps * devices), 1)
+    micro = builder.abstract_batch(config, pipe, per_device)
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.frozen)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), run.state["params"])
+    rng = jax.random.key(config.seed)
+
+    def loss(trainable, frozen, batch):
+        frozen, batch = jax.lax.stop_gradient((frozen, batch))
+        return loss_fn(run.family, trainable, frozen, batch, rng)[0]
+
+    return remat_lib.kept_bytes(loss, params, frozen, micro), per_device
+
+
 def check(config: Any, device_memory_gib: float = 80.0) -> dict[str, Any]:
     """Lower and compile `config`'s train step with abstract weights on all of this process's devices
     (module docstring); returns the table's numbers."""
@@ -126,6 +147,7 @@ def check(config: Any, device_memory_gib: float = 80.0) -> dict[str, Any]:
         step = builder.step_fn(one, pipe, run.state["params"])
         flops = flops_of(jax.jit(step).lower(run.frozen, run.state, micro, rng))
         flops = None if flops is None else flops * accum
+    kept, per_device = kept_per_device(config, pipe, run, batch_size, mesh.devices.size)
     device = jax.devices()[0]
     return {
         "pretrained": config.model.pretrained, "family": pipe.family, "objective": config.objective,
@@ -141,6 +163,7 @@ def check(config: Any, device_memory_gib: float = 80.0) -> dict[str, Any]:
                              "state": bytes_per_device(run.state, run.state_shardings)},
         "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
         "memory_per_device": mem,
+        "kept_for_backward_per_device": {"bytes": kept, "micro_batch": per_device},
         # The whole step over all devices; and XLA's count of the compiled, partitioned (per-device)
         # program, which counts the accumulation loop's body once.
         "flops_per_step": flops, "compiled_flops_per_device": compiled_flops,
@@ -178,6 +201,9 @@ def table(r: dict[str, Any]) -> str:
         for name in ("argument", "output", "alias", "temp", "generated_code"):
             rows.append((f"{name.replace('_', ' ')} / device", size(mem[name + "_bytes"])))
         rows.append(("total / device", f"{size(mem['total_bytes'])} = argument + output - alias + temp"))
+    kept = r["kept_for_backward_per_device"]
+    rows.append(("kept / device", f"{size(kept['bytes'])} (what the remat policy keeps for one micro-batch "
+                                            f"of {kept['micro_batch']}, on any backend)"))
     flops, per_device = r["flops_per_step"], r["compiled_flops_per_device"]
     if flops is None:
         rows.append(("FLOPs / step", "no cost analysis on this backend"))

@@ -52,7 +52,7 @@ def demo_2x4(tmp) -> tuple[str, dict]:
 def test_demo_on_a_2x4_mesh_prints_the_table_and_writes_the_json(demo_2x4):
     stdout, r = demo_2x4
     for row in ("mesh", "frozen params", "trainable params", "lowering", "compile", "argument / device",
-                "temp / device", "total / device", "FLOPs / step", "fits 80 GiB"):
+                "temp / device", "total / device", "kept / device", "FLOPs / step", "fits 80 GiB"):
         assert row in stdout, row
     assert "data 2 × fsdp 4" in stdout
     assert r["devices"] == 8 and r["mesh"] == {"data": 2, "fsdp": 4} and r["global_batch"] == 8
@@ -63,6 +63,8 @@ def test_demo_on_a_2x4_mesh_prints_the_table_and_writes_the_json(demo_2x4):
     assert mem["total_bytes"] == (mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"]
                                   + mem["temp_bytes"])
     assert r["compiled_flops_per_device"] > 0 and r["fits"] is True
+    # The activations kept for the backward pass of one device's share of the batch: 8 samples over 8.
+    assert r["kept_for_backward_per_device"]["micro_batch"] == 1 and r["kept_for_backward_per_device"]["bytes"] > 0
     assert r["flops_per_step"] == pytest.approx(8 * r["compiled_flops_per_device"])
 
 

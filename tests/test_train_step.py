@@ -46,7 +46,7 @@ def test_teacher_contributes_no_gradient(family):
     state, frozen, family_ = s.state, s.frozen, s.family
     b, rng = _device_batch(family), jax.random.key(3)
     params = state["params"]
-    teacher = family_.forward(frozen, params, b, rng)["teacher_maps"]
+    teacher = jax.jit(family_.forward)(frozen, params, b, rng)["teacher_maps"]
     constant = dataclasses.replace(family_, forward=lambda f, p, bb, r: {**family_.forward(f, p, bb, r),
                                                                           "teacher_maps": teacher})
     grads = jax.jit(jax.grad(lambda p: loss_fn(family_, p, frozen, b, rng)[0]))(params)
