@@ -150,6 +150,8 @@ def check(c: ml_collections.ConfigDict) -> None:
     need(finite(c.taca.gamma) and c.taca.gamma > 0, "taca.gamma", "a finite temperature > 0 (SPEC §4: 1.2)")
     need(finite(c.taca.t_threshold) and 0 <= c.taca.t_threshold <= c.num_train_timesteps, "taca.t_threshold",
          f"a timestep in [0, num_train_timesteps={c.num_train_timesteps}]")
+    need(finite(c.flow.guidance) and c.flow.guidance >= 0, "flow.guidance",
+         "a finite guidance scale ≥ 0 (FLUX.1-dev's embedded guidance while training; diffusers uses 3.5)")
     need(len(c.ctcal.lambdas) == 4 and all(finite(x) and x >= 0 for x in c.ctcal.lambdas), "ctcal.lambdas",
          "four finite weights ≥ 0 (λ1..λ4, SPEC §3)")
     need(finite(c.ctcal.tau) and c.ctcal.tau > 0, "ctcal.tau", "a finite temperature > 0")

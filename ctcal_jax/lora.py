@@ -201,13 +201,16 @@ class Dense(nn.Module):
 
 
 def _add_branch(adapter: Mapping[str, Any], x: jax.Array, y: jax.Array) -> jax.Array:
-    """`y + (α / r) · (x A) B`, the branch and the sum in float32, the result in `y`'s dtype."""
+    """`y + (α / r) · (x A) B`: the branch in float32, its `[..., out]` product written in `y`'s dtype
+    (accumulated in float32; with bf16 compute it is the size of the layer's own output, which is
+    what a remat policy keeps of it), the sum in float32, the result in `y`'s dtype."""
     a, b = adapter["A"], adapter["B"]
     if a.shape[0] != x.shape[-1] or b.shape[1] != y.shape[-1]:
         raise ValueError(f"LoRA adapter A {a.shape} @ B {b.shape} does not fit a Dense layer "
                          f"{x.shape[-1]} -> {y.shape[-1]}")
     f32 = jnp.float32
-    delta = jnp.dot(jnp.dot(x.astype(f32), a.astype(f32)), b.astype(f32)) * scale(adapter)
+    xa = jnp.dot(x.astype(f32), a.astype(f32)) * scale(adapter)  # [..., r]
+    delta = jnp.dot(xa, b.astype(f32), preferred_element_type=y.dtype)
     if "gate" in adapter:
         gate = jnp.asarray(adapter["gate"], f32)
         if gate.shape != (x.shape[0],):

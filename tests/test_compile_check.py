@@ -162,9 +162,11 @@ def test_slurm_script_forwards_sigterm_and_requeues_after_the_save(tmp_path):
 @pytest.mark.parametrize("config, args", [
     ("sd21_ctcal.py", ["--devices", "1"]),
     ("sd3_ctcal.py", ["--devices", "8", "--config.mesh.data=1", "--config.mesh.fsdp=8"]),
-], ids=["sd21_1_device", "sd3_fsdp8"])
-def test_full_size_config_compiles(tmp, config, args):
-    out = tmp / f"{config}.json"
+    ("flux_taca.py", ["--devices", "8"]),  # FLUX.1-dev's rank-64 TACA LoRA, fsdp 8 (docs/benchmarks.md)
+    ("flux_taca.py", ["--devices", "1", "--config.optim.accum_steps=16"]),
+], ids=["sd21_1_device", "sd3_fsdp8", "flux_fsdp8", "flux_1_device"])
+def test_full_size_config_compiles(tmp, config, args, request):
+    out = tmp / f"{request.node.callspec.id}.json"
     proc = compile_check(tmp, f"{ROOT}/configs/{config}", *args, "--json", str(out), timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())

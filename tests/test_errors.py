@@ -153,6 +153,7 @@ def test_map_autoencoder_mismatches():
     ("batch_size", 0, ["config.batch_size=0"]),
     ("taca.gamma", float("nan"), ["config.taca.gamma=nan", "> 0"]),
     ("taca.gamma", 0.0, ["config.taca.gamma=0.0"]),
+    ("flow.guidance", float("inf"), ["config.flow.guidance=inf", "guidance scale"]),
     ("ctcal.lambdas", (0.01, 1.0, -1.0, 0.1), ["config.ctcal.lambdas", "≥ 0"]),
     ("ctcal.teacher_t", 2000.0, ["config.ctcal.teacher_t=2000.0", "num_train_timesteps=1000"]),
 ])

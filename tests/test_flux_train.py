@@ -25,7 +25,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from conversion import tiny  # noqa: E402
 from ctcal_jax import builder, sampling, schedules, text  # noqa: E402
 from ctcal_jax.attention import TACA  # noqa: E402
 from ctcal_jax.data import records  # noqa: E402
@@ -34,7 +33,8 @@ from ctcal_jax.prepare import prepare  # noqa: E402
 from tests.data_setup import write_folder  # noqa: E402
 from tests.test_configs import get_config  # noqa: E402
 from tests.test_flux import torch_forward  # noqa: E402
-from tests.test_flux_sampling import GatedTACA, noise, pack, run_diffusers  # noqa: E402
+# `flux`: the tiny FLUX.1-dev folder, diffusers' FluxPipeline on it and ours (a module fixture).
+from tests.test_flux_sampling import GatedTACA, flux, noise, pack, run_diffusers  # noqa: E402, F401
 from tests.tiny import rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,22 +44,8 @@ HEIGHT, WIDTH, STEPS = 128, 96, 4  # as test_flux_sampling (its `noise`, `pack`,
 RES = 32  # training images: 4×4 latents, 2×2 packed tokens
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    """The tiny FLUX.1-dev folder, diffusers' FluxPipeline on it (one torch thread) and ours."""
-    folder = tiny.materialize("tiny-flux")
-    ref = diffusers.FluxPipeline.from_pretrained(folder)
-    ref.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield folder, ref, sampling.load_pipeline(folder)
-    torch.set_num_threads(threads)
-
-
 def test_taca_training_forward_is_diffusers_training_math(flux):
-    folder, ref, pipe = flux
-    c = get_config(CONFIG, "runlocal")
-    c.model.pretrained = str(folder)
+    _, ref, pipe = flux
     taca = TACA(1.5, 970.0)
     family = flux_family.make_family(pipe.denoiser, pipe.encoders, shift=flux_family.training_shift(pipe.scheduler),
                                      guidance=3.5, objective="taca", taca=taca)

@@ -28,6 +28,7 @@ import math
 from typing import Any, Callable, Literal
 
 import jax
+import jax.extend
 from flax import linen as nn
 
 Remat = Literal["none", "dots", "full"]
@@ -55,11 +56,29 @@ def block(cls: type[nn.Module], remat: Remat, static_argnums: tuple[int, ...] = 
 
 def kept_bytes(f: Callable[..., Any], *args: Any) -> int:
     """Bytes of the activations `jax.vjp(f, *args)` keeps for the backward pass: its residuals, less
-    those that are `args` themselves. Traced, not computed (`args` may be `jax.ShapeDtypeStruct`s),
-    so it measures the policy, whatever a backend's scheduler later does with it.
+    those that are `args` themselves, also when reached through `stop_gradient` (a frozen weight the
+    backward pass multiplies by is the argument's own buffer, not a copy). Traced, not computed
+    (`args` may be `jax.ShapeDtypeStruct`s), so it measures the policy, whatever a backend's
+    scheduler later does with it. The residuals are those `jax.ad_checkpoint.print_saved_residuals`
+    lists.
     """
-    # The function behind the public `jax.ad_checkpoint.print_saved_residuals`, which only prints.
-    from jax._src.ad_checkpoint import saved_residuals
+    leaves, tree = jax.tree.flatten(args)
 
-    return sum(math.prod(aval.shape) * aval.dtype.itemsize for aval, src in saved_residuals(f, *args)
-               if not src.startswith("from the argument"))
+    def flat(*xs):
+        return f(*jax.tree.unflatten(tree, xs))
+
+    closed, shapes = jax.make_jaxpr(lambda *xs: jax.vjp(flat, *xs), return_shape=True)(*leaves)
+    jaxpr = closed.jaxpr
+    residuals = jaxpr.outvars[len(jaxpr.outvars) - len(jax.tree.leaves(shapes[1])):]
+    # Ops that pass a value through unchanged at run time: look through them to their input.
+    through = {e.outvars[0]: e.invars[0] for e in jaxpr.eqns
+               if e.primitive.name in ("stop_gradient", "reduce_precision") and e.invars}
+    arguments, kept = set(jaxpr.invars), set()
+    for v in residuals:
+        if isinstance(v, jax.extend.core.Literal):
+            continue
+        while v in through:
+            v = through[v]
+        if v not in arguments:
+            kept.add(v)
+    return sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize for v in kept)
