@@ -139,13 +139,14 @@ def test_iterref_refinement_inside_generate_equals_refine(sd2):
     weights, mask, denoise_fn, _ = subject_setup(sd2, prompt, words)
     x = np.random.default_rng(6).standard_normal((1, 32, 32, 4)).astype(np.float32)
     kw = dict(num_inference_steps=4, guidance_scale=1.0, latents=x, decode=False, return_trajectory=True)
-    plain = sampling.generate(sd2, prompt, **kw)
     ir = iterref.IterRef(step=k, lr=0.05, n_iters=4, subjects=[words])
     ours = sampling.generate(sd2, prompt, iterref=ir, **kw)
     plan = samplers.plan("ddim", sd2.scheduler, 4)
     t = plan.timesteps[k]
-    z = iterref.refine(denoise_fn, plain["trajectory"][k - 1], t, weights, n_iters=4, lr=0.05, token_mask=mask)
-    pred, _ = denoise_fn(z, t)
+    # The latent before step k is the plain run's (the test above): refine it as the loop should.
+    z = jax.jit(lambda z0: iterref.refine(denoise_fn, z0, t, weights, n_iters=4, lr=0.05, token_mask=mask))(
+        ours["trajectory"][k - 1])
+    pred, _ = jax.jit(denoise_fn)(z, t)
     expected = samplers.update(plan, z, pred, {n: v[k] for n, v in plan.tables.items()})
     np.testing.assert_allclose(ours["trajectory"][k], expected, rtol=1e-4, atol=1e-4)
 

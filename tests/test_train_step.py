@@ -110,6 +110,7 @@ def test_sd3_default_teacher_is_fixed_on_the_host_and_jits():
     np.testing.assert_allclose(out["t_tea"], s.family.ctcal.teacher_t, rtol=1e-6)
 
 
+@pytest.mark.slow  # make test's budget: bf16 compute is checked there per model (test_unet, test_lora's bf16 weights)
 def test_bf16_compute_with_float32_weights_and_state():
     b, rng = _device_batch(), jax.random.key(9)
     ref = setup()
