@@ -346,6 +346,43 @@ def test_sharded_checkpoint_loads(models, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, sharded, params)
 
 
+_MESH_LOAD = """
+import json, sys
+import jax, numpy as np
+from conversion import load_component
+from ctcal_jax.sharding import DEFAULT_RULES, make_mesh
+assert jax.device_count() == 8
+_, ref = load_component(sys.argv[1], "transformer")
+_, params = load_component(sys.argv[1], "transformer", mesh=make_mesh(2, 4), rules=DEFAULT_RULES)
+split = 0
+for x, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(r))
+    split += not x.sharding.is_fully_replicated
+print(json.dumps({"leaves": len(jax.tree.leaves(params)), "split": split}))
+"""
+
+
+def test_loads_onto_an_8_device_mesh(models):
+    """`load_component(..., mesh=, rules=)` on a (data 2, fsdp 4) mesh of fake CPU devices: every
+    parameter the unsharded load's, the kernels split over `fsdp` (a subprocess: XLA reads the
+    device count once)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, folder, _, params = models("dev")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", _MESH_LOAD, str(folder)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["leaves"] == len(jax.tree.leaves(params)) and out["split"] > out["leaves"] // 3, out
+
+
 @pytest.mark.parametrize("update,key", [
     ({"patch_size": 2}, "patch_size"),
     ({"in_channels": 18}, "in_channels"),
