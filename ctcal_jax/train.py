@@ -41,6 +41,7 @@ from ml_collections import config_flags
 from conversion import export_lora
 from conversion import pipeline as pipeline_io
 from ctcal_jax import builder, cli, data, evaluation
+from ctcal_jax import config as config_lib
 from ctcal_jax.atomic import atomic_write
 from ctcal_jax.checkpoints import Checkpoints
 from ctcal_jax.metrics import MetricsWriter, Progress
@@ -66,13 +67,17 @@ class NonFinite(RuntimeError):
 
 def check_config_json(workdir: Path, config_json: dict[str, Any], resuming: bool) -> None:
     """Write `config.json`, or on resume check it against the saved one (`RESUMABLE_CHANGES` and
-    `RESUMABLE_PREFIXES` aside)."""
+    `RESUMABLE_PREFIXES` aside). A key the saved file lacks (added to the config since the run
+    started) counts as unchanged while it has its default value: a new key's default keeps what
+    runs computed before it existed."""
     file = workdir / "config.json"
     if resuming and file.exists():
         saved, now = (traverse_util.flatten_dict(c, sep=".") for c in (json.loads(file.read_text()), config_json))
+        defaults = traverse_util.flatten_dict(json.loads(config_lib.base_config().to_json_best_effort()), sep=".")
         changed = sorted(k for k in saved.keys() | now.keys()
                          if saved.get(k) != now.get(k) and k not in RESUMABLE_CHANGES
-                         and not k.startswith(RESUMABLE_PREFIXES))
+                         and not k.startswith(RESUMABLE_PREFIXES)
+                         and not (k not in saved and k in defaults and now[k] == defaults[k]))
         if changed:
             raise ValueError(f"{file}: this run was started with a different config ({', '.join(changed)}); "
                              f"resume with the same settings or use a new --workdir")

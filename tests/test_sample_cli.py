@@ -157,3 +157,7 @@ def test_resume_check_ignores_sample_settings(tmp_path):
     check_config_json(tmp_path, {**saved, "sample": {"seed": 3, "iterref": {"lr": 0.5}}}, resuming=True)
     with pytest.raises(ValueError, match="lora.rank"):
         check_config_json(tmp_path, {**saved, "lora": {"rank": 8}}, resuming=True)
+    # A key added to the config after the run started: its default resumes, another value does not.
+    check_config_json(tmp_path, {**saved, "flow": {"guidance": 3.5}}, resuming=True)
+    with pytest.raises(ValueError, match="flow.guidance"):
+        check_config_json(tmp_path, {**saved, "flow": {"guidance": 5.0}}, resuming=True)
