@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from ctcal_jax import schedules, text
@@ -75,7 +76,7 @@ def make_family(
         x0 = latents(batch, frozen, vae, jax.random.fold_in(rng, 1))
         noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
         t, sigma = schedules.sample_flow_timesteps_above(r_t, schedule, x0.shape[0], t_min)
-        g = jax.numpy.full((x0.shape[0],), guidance, jax.numpy.float32) if transformer.guidance_embeds else None
+        g = jnp.full((x0.shape[0],), guidance, jnp.float32) if transformer.guidance_embeds else None
         pred, _ = transformer.apply(variables(frozen, trainable, "transformer"),
                                     schedules.flow_noisy_input(x0, noise, sigma), t, emb["prompt_embeds"],
                                     emb["pooled_prompt_embeds"], guidance=g, taca=attn_taca)
